@@ -211,7 +211,7 @@ def _as_images(arr, where):
     if arr.dtype.kind == "f":
         if np.isnan(arr).any():
             raise DataError(f"{where}: NaN pixels")
-        if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)):
+        if np.any(arr != np.round(arr)):  # +-inf passes here and fails the range check.
             raise DataError(f"{where}: wrong dtype {arr.dtype} with non-integer values; "
                             "expected integer pixel values 0..255")
     elif arr.dtype.kind not in "ui":
@@ -255,7 +255,7 @@ def _load_tfds(name):
     except Exception as e:  # Download/preparation fails offline in many different ways.
         hint = f" (e.g. {_FASHION_MNIST_DIR})" if name == "fashion_mnist" else ""
         raise DataError(
-            f"{name}: cannot be loaded with tfds or downloaded here ({_first_line(e)}); pass "
+            f"{name}: can't be downloaded here (tfds failed with {_first_line(e)}); pass "
             f"--config.data.dir=... with local files{hint}") from e
     return arrays["train"], arrays.get("validation"), arrays["test"], f"tfds:{name}"
 
@@ -431,8 +431,13 @@ def _load_amat_dir(path):
 
 def _read_amat(path):
     """A fixed-binarised MNIST .amat: one image a line, 784 space-separated 0/1 values."""
+    raw = _read_file_bytes(path)
+    if not raw.strip():
+        raise DataError(f"{path}: contains no examples")
+    values = _parse_binary_amat(raw)
     try:
-        values = np.loadtxt(path, dtype=np.float32, ndmin=2)
+        if values is None:  # Not the usual layout: the general (slow) parser says why.
+            values = np.loadtxt(path, dtype=np.float32, ndmin=2)
     except (ValueError, OSError) as e:
         raise DataError(f"{path}: cannot parse as lines of space-separated numbers "
                         f"({_first_line(e)})") from e
@@ -443,3 +448,20 @@ def _read_amat(path):
         raise DataError(f"{path}: non-binary values (found {images.max()}); fixed-binarised "
                         "data must be 0 or 1")
     return images
+
+
+def _parse_binary_amat(raw):
+    """Fast path (several times faster than np.loadtxt) for the usual layout: single 0/1
+    digits separated by spaces, the same number on each line. Returns None otherwise."""
+    b = np.frombuffer(raw, np.uint8)
+    is_digit = (b == ord("0")) | (b == ord("1"))
+    is_space = (b == ord(" ")) | (b == ord("\n")) | (b == ord("\r")) | (b == ord("\t"))
+    if not np.all(is_digit | is_space) or np.any(is_digit[1:] & is_digit[:-1]):
+        return None
+    # Digits per line (blank lines skipped): sums over the segments that start each line.
+    starts = np.concatenate([[0], np.flatnonzero(b == ord("\n")) + 1])
+    per_line = np.add.reduceat(is_digit.view(np.uint8), starts[starts < len(b)], dtype=np.int64)
+    per_line = per_line[per_line > 0]
+    if per_line.size == 0 or np.any(per_line != per_line[0]):
+        return None
+    return (np.compress(is_digit, b) - ord("0")).reshape(per_line.size, per_line[0])

@@ -1,0 +1,180 @@
+"""The MNIST conv ResNet VAE of the report's Appendix 6.1, with 0..8 IAF steps in its posterior.
+
+Encoder: ResNet blocks (3x3, strides 2,1,2,1,2; 16,16,32,32,32 channels; 1x1 projection shortcuts where the
+shape changes) -> flatten -> dense 450 (= the IAF context h) -> mean, log-std of q(z0|x). Posterior:
+z0 ~ N(mean, std), z_T = IAFFlow(z0; h), log q(z_T|x) = log q(z0|x) - sum log-det (Equation 10). Prior N(0, I).
+Decoder: the mirror image with transposed convs, to Bernoulli logits (or discretized logistic parameters
+for 8-bit data, the report's CIFAR-10 baseline of Table 3). Weight norm with data-dependent init and ELU
+everywhere. Feature-map sizes follow the input, so any HxWxC works.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from iaf_jax import distributions as dist
+from iaf_jax.flows import IAFFlow
+from iaf_jax.layers import ConvTranspose2D, MaskedConv2D, MaskedDense
+
+# The encoder's std starts near exp(-2) ~ 0.14: the report re-parameterises q(z0|x) "to have initially low
+# variance" to prevent under-fitting (Appendix 6.1).
+INITIAL_LOG_STD = -2.0
+# Bounds of the discretized logistic's mean on the [-0.5, 0.5] pixel scale (openai/iaf: clip to 1/512 inside).
+_MEAN_LIMIT = 0.5 - 1.0 / 512
+
+
+class ResBlock(nn.Module):
+  """elu -> conv(stride) -> elu -> conv, plus the input (a 1x1 projection where the shape changes)."""
+  features: int
+  strides: int = 1
+  weight_norm: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    h = MaskedConv2D(self.features, 3, self.strides, weight_norm=self.weight_norm)(nn.elu(x))
+    h = MaskedConv2D(self.features, 3, weight_norm=self.weight_norm, init_scale=0.1)(nn.elu(h))
+    if self.strides != 1 or x.shape[-1] != self.features:
+      x = MaskedConv2D(self.features, 1, self.strides, weight_norm=self.weight_norm)(x)
+    return x + h
+
+
+class UpResBlock(nn.Module):
+  """The decoder's mirror of a strided ResBlock: transposed conv x2, cropped to the encoder's size."""
+  features: int
+  out_hw: tuple[int, int]
+  weight_norm: bool = True
+  final: bool = False  # the last block outputs likelihood parameters: no activation scale-down there
+
+  @nn.compact
+  def __call__(self, x):
+    crop = lambda a: a[:, :self.out_hw[0], :self.out_hw[1], :]
+    h = crop(ConvTranspose2D(self.features, 3, 2, weight_norm=self.weight_norm)(nn.elu(x)))
+    h = MaskedConv2D(self.features, 3, weight_norm=self.weight_norm, init_scale=1.0 if self.final else 0.1)(nn.elu(h))
+    up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # nearest-neighbour, then the 1x1 projection
+    return crop(MaskedConv2D(self.features, 1, weight_norm=self.weight_norm)(up)) + h
+
+
+def _encoder_sizes(hw: tuple[int, int], strides: Sequence[int]) -> list[tuple[int, int]]:
+  sizes = [tuple(hw)]
+  for s in strides:
+    sizes.append(tuple(-(-d // s) for d in sizes[-1]))  # SAME padding: ceil(d / s)
+  return sizes
+
+
+class MnistVAE(nn.Module):
+  """Appendix 6.1 VAE. Inputs: Bernoulli: x in {0,1} float [B,H,W,C]; logistic: pixel values 0..255 float."""
+  image_shape: tuple[int, int, int] = (28, 28, 1)
+  latent_dim: int = 32
+  iaf_depth: int = 0
+  iaf_width: int = 320
+  learnt_sigma: bool = True
+  likelihood: str = "bernoulli"
+  channels: Sequence[int] = (16, 16, 32, 32, 32)
+  strides: Sequence[int] = (2, 1, 2, 1, 2)
+  hidden_dim: int = 450
+  weight_norm: bool = True
+
+  def setup(self):
+    wn = self.weight_norm
+    h, w, c = self.image_shape
+    sizes = _encoder_sizes((h, w), self.strides)
+    self.enc_blocks = [ResBlock(ch, s, wn) for ch, s in zip(self.channels, self.strides)]
+    self.enc_dense = MaskedDense(self.hidden_dim, weight_norm=wn)
+    self.enc_out = MaskedDense(2 * self.latent_dim, weight_norm=wn, init_scale=0.1)
+    self.flow = IAFFlow(self.iaf_depth, "made", (self.iaf_width, self.iaf_width), self.learnt_sigma, weight_norm=wn)
+    self.top_shape = (*sizes[-1], self.channels[-1])
+    self.dec_dense1 = MaskedDense(self.hidden_dim, weight_norm=wn)
+    self.dec_dense2 = MaskedDense(int(np.prod(self.top_shape)), weight_norm=wn)
+    # Mirror of the encoder, walked backwards: block i maps sizes[i+1] -> sizes[i] and back to block i's input
+    # channels; a strided block becomes an UpResBlock. The last one outputs the likelihood's parameters.
+    out_c = c if self.likelihood == "bernoulli" else 2 * c
+    in_channels = [out_c] + list(self.channels[:-1])
+    dec = []
+    for i in reversed(range(len(self.channels))):
+      if self.strides[i] == 1:
+        dec.append(ResBlock(in_channels[i], 1, wn))
+      else:
+        dec.append(UpResBlock(in_channels[i], sizes[i], wn, final=i == 0))
+    self.dec_blocks = dec
+
+  # --- the pieces, each usable alone (api.py exposes them) ---
+  def _encoder_input(self, x):
+    if self.likelihood == "bernoulli":
+      return 2.0 * x - 1.0
+    return dist.bin_centres(x) * 2.0  # 8-bit pixels -> [-1, 1]
+
+  def encode(self, x):
+    """x -> (mean, log_std, context h) of q(z0|x)."""
+    if tuple(x.shape[1:]) != tuple(self.image_shape):
+      raise ValueError(f"MnistVAE: expected images of shape {tuple(self.image_shape)}, got {tuple(x.shape[1:])}")
+    h = self._encoder_input(x)
+    for block in self.enc_blocks:
+      h = block(h)
+    h = nn.elu(self.enc_dense(nn.elu(h.reshape(h.shape[0], -1))))
+    mean, raw_log_std = jnp.split(self.enc_out(h), 2, axis=-1)
+    return mean, raw_log_std + INITIAL_LOG_STD, h
+
+  def posterior_sample_from_encoding(self, encoding, key):
+    """z_T ~ q(z|x) and log q(z_T|x) (Equation 10)."""
+    mean, log_std, h = encoding
+    z0 = dist.diag_gaussian_sample(key, mean, log_std)
+    log_q0 = dist.diag_gaussian_log_prob(z0, mean, log_std)
+    z, log_det = self.flow(z0, h)
+    return z, log_q0 - log_det
+
+  def posterior_sample(self, x, key):
+    return self.posterior_sample_from_encoding(self.encode(x), key)
+
+  def log_prior(self, z):
+    return dist.standard_normal_log_prob(z)
+
+  def decode(self, z):
+    """z -> Bernoulli logits [B, H, W, C], or (mean, log_scale) of the discretized logistic."""
+    h = nn.elu(self.dec_dense1(z))
+    h = nn.elu(self.dec_dense2(h)).reshape(z.shape[0], *self.top_shape)
+    for block in self.dec_blocks:
+      h = block(h)
+    if self.likelihood == "bernoulli":
+      return h
+    mean, log_scale = jnp.split(h, 2, axis=-1)
+    return jnp.clip(0.5 * mean, -_MEAN_LIMIT, _MEAN_LIMIT), log_scale - 2.0
+
+  def log_likelihood(self, x, z):
+    params = self.decode(z)
+    if self.likelihood == "bernoulli":
+      return dist.bernoulli_log_prob(x, params)
+    return dist.discretized_logistic_log_prob(x, *params)
+
+  def mean_image(self, z):
+    """Decoded images in [0, 1] for display: Bernoulli means or logistic means."""
+    params = self.decode(z)
+    if self.likelihood == "bernoulli":
+      return jax.nn.sigmoid(params)
+    return params[0] + 0.5
+
+  # --- the protocol train_lib / eval_lib use ---
+  def __call__(self, x, key):
+    """Per-example terms of the single-sample ELBO (one latent group: the whole z)."""
+    z, log_q = self.posterior_sample(x, key)
+    log_p = self.log_prior(z)
+    return {"log_px_given_z": self.log_likelihood(x, z), "log_pz": log_p, "log_qz": log_q,
+            "kl_per_group": (log_q - log_p)[:, None]}
+
+  def log_weights(self, x, key, num_samples):
+    """[num_samples, B] importance log weights; the encoder runs once, the K samples go through as one batch."""
+    mean, log_std, h = self.encode(x)
+    tile = lambda a: jnp.broadcast_to(a, (num_samples,) + a.shape).reshape(-1, *a.shape[1:])
+    z, log_q = self.posterior_sample_from_encoding((tile(mean), tile(log_std), tile(h)), key)
+    log_w = self.log_likelihood(tile(x), z) + self.log_prior(z) - log_q
+    return log_w.reshape(num_samples, x.shape[0])
+
+  def sample(self, key, num):
+    return self.mean_image(jax.random.normal(key, (num, self.latent_dim)))
+
+  def reconstruct(self, x, key):
+    z, _ = self.posterior_sample(x, key)
+    return self.mean_image(z)
