@@ -22,7 +22,8 @@ import numpy as np
 DATASET_NAMES = ("digits", "mnist", "fashion_mnist", "binarized_mnist", "cifar10")
 LIKELIHOODS = ("bernoulli", "logistic")
 
-_MAX_VALUE = {"digits": 16, "mnist": 255, "fashion_mnist": 255, "binarized_mnist": 1, "cifar10": 255}
+_MAX_VALUE = {"digits": 16, "mnist": 255, "fashion_mnist": 255, "binarized_mnist": 1,
+              "cifar10": 255}
 _DIGITS_TEST_SIZE = 297
 _IDX_IMAGES_MAGIC = 0x00000803  # IDX: unsigned bytes, 3 dimensions (N, H, W).
 _IDX_STEMS = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
@@ -319,7 +320,8 @@ def _read_file_bytes(path):
             return gzip.decompress(raw)
         return raw
     except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-        raise DataError(f"{path}: file is truncated or not a valid gzip file ({_first_line(e)})") from e
+        raise DataError(f"{path}: file is truncated or not a valid gzip file "
+                        f"({_first_line(e)})") from e
     except OSError as e:
         raise DataError(f"{path}: cannot read file ({_first_line(e)})") from e
 
@@ -332,8 +334,8 @@ def _read_idx_images(path):
                         "16-byte IDX header")
     magic, n, h, w = struct.unpack(">IIII", raw[:16])
     if magic != _IDX_IMAGES_MAGIC:
-        raise DataError(f"{path}: bad magic number 0x{magic:08x}; expected 0x{_IDX_IMAGES_MAGIC:08x} "
-                        "(IDX uint8 images)")
+        raise DataError(f"{path}: bad magic number 0x{magic:08x}; expected "
+                        f"0x{_IDX_IMAGES_MAGIC:08x} (IDX uint8 images)")
     expected, found = n * h * w, len(raw) - 16
     if found < expected:
         raise DataError(f"{path}: file is truncated: header says {n}x{h}x{w} = {expected} pixel "
@@ -388,7 +390,8 @@ def _load_cifar_local(path):
         return _load_npz(os.path.join(path, "cifar10.npz"))
     if missing:
         raise DataError(f"{batch_dir}: missing {', '.join(missing)}; expected {expected}")
-    train = np.concatenate([_read_cifar_batch(os.path.join(batch_dir, f)) for f in _CIFAR_TRAIN_FILES])
+    train = np.concatenate(
+        [_read_cifar_batch(os.path.join(batch_dir, f)) for f in _CIFAR_TRAIN_FILES])
     test = _read_cifar_batch(os.path.join(batch_dir, _CIFAR_TEST_FILE))
     return train, None, test, f"{batch_dir} (CIFAR-10 python pickles)"
 
@@ -442,7 +445,8 @@ def _read_amat(path):
         raise DataError(f"{path}: cannot parse as lines of space-separated numbers "
                         f"({_first_line(e)})") from e
     if values.shape[1] != 28 * 28:
-        raise DataError(f"{path}: wrong shape: {values.shape[1]} values a line; expected 784 (28x28)")
+        raise DataError(f"{path}: wrong shape: {values.shape[1]} values a line; "
+                        "expected 784 (28x28)")
     images = _as_images(values.reshape(-1, 28, 28), path)
     if images.max() > 1:
         raise DataError(f"{path}: non-binary values (found {images.max()}); fixed-binarised "

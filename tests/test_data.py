@@ -32,7 +32,8 @@ def write_idx(path, images, compress, magic=0x00000803):
 
 
 def rand_images(shape, seed=0, high=256):
-    return np.random.default_rng(seed).integers(0, high, size=shape, dtype=np.int64).astype(np.uint8)
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, high, size=shape, dtype=np.int64).astype(np.uint8)
 
 
 def unique_images(n, shape=(4, 4)):
@@ -91,7 +92,8 @@ def test_idx_trailing_bytes(tmp_path):
     write_idx(path, rand_images((5, 4, 4)), False)
     with open(path, "ab") as f:
         f.write(b"xyz")
-    raises_one_line("t10k-images-idx3-ubyte.*3 unexpected bytes", load_dataset, "mnist", str(tmp_path))
+    raises_one_line("t10k-images-idx3-ubyte.*3 unexpected bytes", load_dataset, "mnist",
+                    str(tmp_path))
 
 
 def test_idx_wrong_magic(tmp_path):
@@ -317,8 +319,8 @@ def test_validation_split_matches_spec_permutation(npz_dir):
 
 
 def test_validation_size_too_large_and_max_train(npz_dir):
-    raises_one_line("validation_size 50 must be smaller than the 50", load_dataset, "mnist", npz_dir,
-                    validation_size=50)
+    raises_one_line("validation_size 50 must be smaller than the 50", load_dataset, "mnist",
+                    npz_dir, validation_size=50)
     ds = load_dataset("mnist", npz_dir, validation_size=10, max_train=7)
     assert len(ds.train) == 7 and len(ds.valid) == 10
 
@@ -404,7 +406,8 @@ def test_batch_indices_epoch_is_a_permutation():
         seen = np.concatenate(batches)
         assert all(len(x) == b for x in batches)
         assert len(set(seen.tolist())) == 100 and seen.min() >= 0 and seen.max() < n
-        assert (np.sort(seen) == np.sort(np.random.default_rng([5, epoch]).permutation(n)[:100])).all()
+        expected = np.random.default_rng([5, epoch]).permutation(n)[:100]
+        np.testing.assert_array_equal(np.sort(seen), np.sort(expected))
 
 
 def test_batch_indices_epochs_differ_and_deterministic():

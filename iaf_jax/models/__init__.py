@@ -10,3 +10,23 @@ its insides:
 
 x is float [B, H, W, C]: {0, 1} for a Bernoulli likelihood, pixel values 0..255 for the discretized logistic.
 """
+
+from __future__ import annotations
+
+MODEL_KINDS = ("mnist_vae", "resnet_vae")
+
+
+def build_model(model_config, image_shape):
+  """The model a config describes, for images of shape (H, W, C) (taken from the data)."""
+  kind = model_config.kind
+  if kind == "mnist_vae":
+    from iaf_jax.models.mnist_vae import MnistVAE
+    return MnistVAE(image_shape=tuple(image_shape), latent_dim=model_config.latent_dim,
+                    iaf_depth=model_config.iaf_depth, iaf_width=model_config.iaf_width,
+                    learnt_sigma=model_config.learnt_sigma, likelihood=model_config.likelihood,
+                    channels=tuple(model_config.channels), strides=tuple(model_config.strides),
+                    hidden_dim=model_config.hidden_dim, weight_norm=model_config.weight_norm)
+  if kind == "resnet_vae":
+    from iaf_jax.models.resnet_vae import build_resnet_vae
+    return build_resnet_vae(model_config, tuple(image_shape))
+  raise ValueError(f"config.model.kind must be one of {MODEL_KINDS}, got {kind!r}")
