@@ -469,3 +469,18 @@ def _parse_binary_amat(raw):
     if per_line.size == 0 or np.any(per_line != per_line[0]):
         return None
     return (np.compress(is_digit, b) - ord("0")).reshape(per_line.size, per_line[0])
+
+
+def model_inputs(key, images, likelihood: str, max_value: int):
+    """uint8 images -> what a model's likelihood scores, on device (pure, jit-able).
+
+    Bernoulli: a fresh binarisation, pixel / max_value as the probability of a 1 (dynamic binarisation; data
+    that is already {0, 1} comes through unchanged). Discretized logistic: the 8-bit values as float.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    x = images.astype(jnp.float32)
+    if likelihood == "bernoulli":
+        return jax.random.bernoulli(key, x / max_value).astype(jnp.float32)
+    return x

@@ -38,22 +38,30 @@ def vae_loss(terms: Mapping[str, jax.Array], free_bits: float = 0.0) -> tuple[ja
   return loss, {"loss": loss, "neg_elbo": recon + kl, "recon": recon, "kl": kl}
 
 
-def importance_sampled_log_px(log_weight_fn: Callable[[jax.Array, int], jax.Array], key: jax.Array,
-                              num_samples: int, chunk_size: int = 128) -> jax.Array:
-  """log p(x) ~ logsumexp_k log w_k - log K with w_k = p(x, z_k) / q(z_k | x), z_k ~ q(z | x).
-
-  log_weight_fn(key, n) returns the log weights of n fresh samples, shape [n, B]. Samples are drawn in chunks
-  of `chunk_size` (a sequential lax.map), so memory does not grow with K (K=5000 fits). Weights are combined
-  with logsumexp, never exponentiated.
-  """
+def importance_log_weights(log_weight_fn: Callable[[jax.Array, int], jax.Array], key: jax.Array,
+                           num_samples: int, chunk_size: int = 128) -> jax.Array:
+  """[K, B] log weights log p(x, z_k) - log q(z_k|x), drawn in chunks of `chunk_size` (a sequential lax.map),
+  so memory does not grow with K (K=5000 fits). log_weight_fn(key, n) returns n fresh samples' [n, B]."""
   if num_samples < 1:
-    raise ValueError(f"importance_sampled_log_px: num_samples must be >= 1, got {num_samples}")
+    raise ValueError(f"importance sampling: num_samples must be >= 1, got {num_samples}")
+  if chunk_size < 1:
+    raise ValueError(f"importance sampling: chunk_size must be >= 1, got {chunk_size}")
   chunk = min(chunk_size, num_samples)
   num_chunks = -(-num_samples // chunk)
   keys = jax.random.split(key, num_chunks)
   log_w = jax.lax.map(lambda k: log_weight_fn(k, chunk), keys)  # [num_chunks, chunk, B]
-  log_w = log_w.reshape(num_chunks * chunk, -1)[:num_samples]
-  return jax.nn.logsumexp(log_w, axis=0) - math.log(num_samples)
+  return log_w.reshape(num_chunks * chunk, -1)[:num_samples]
+
+
+def log_mean_exp(log_w: jax.Array, axis: int = 0) -> jax.Array:
+  """log mean exp(log_w) by logsumexp: the weights are never exponentiated."""
+  return jax.nn.logsumexp(log_w, axis=axis) - math.log(log_w.shape[axis])
+
+
+def importance_sampled_log_px(log_weight_fn: Callable[[jax.Array, int], jax.Array], key: jax.Array,
+                              num_samples: int, chunk_size: int = 128) -> jax.Array:
+  """log p(x) ~ log (1/K) sum_k w_k, w_k = p(x, z_k) / q(z_k|x), z_k ~ q(z|x) (Burda et al. 2016); [B]."""
+  return log_mean_exp(importance_log_weights(log_weight_fn, key, num_samples, chunk_size))
 
 
 def nats_to_bits_per_dim(nats: jax.Array | float, num_dims: int) -> jax.Array | float:

@@ -1,0 +1,99 @@
+"""Config checks: every value a user can set is checked before any work starts, and a workdir remembers the
+config it was trained with so that resuming or evaluating with an incompatible one is refused."""
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+
+from iaf_jax import data as data_lib
+
+CONFIG_FILE = "config.json"
+# Sections that define what a checkpoint holds: resuming with other values here would mix two runs.
+_IDENTITY_SECTIONS = ("model", "data")
+
+
+class ConfigError(ValueError):
+  """A bad config value: one line naming the field."""
+
+
+def _need(cond: bool, field: str, value, what: str) -> None:
+  if not cond:
+    raise ConfigError(f"config.{field}={value!r}: {what}")
+
+
+def validate_config(c: ml_collections.ConfigDict) -> None:
+  m, t, e, d = c.model, c.train, c.eval, c.data
+  _need(d.name in data_lib.DATASET_NAMES, "data.name", d.name, f"must be one of {', '.join(data_lib.DATASET_NAMES)}")
+  _need(d.validation_size >= 0, "data.validation_size", d.validation_size, "must be >= 0")
+  _need(m.likelihood in data_lib.LIKELIHOODS, "model.likelihood", m.likelihood,
+        f"must be one of {', '.join(data_lib.LIKELIHOODS)}")
+  _need(m.kind in ("mnist_vae", "resnet_vae"), "model.kind", m.kind, "must be 'mnist_vae' or 'resnet_vae'")
+  if m.kind == "mnist_vae":
+    _need(m.latent_dim >= 1, "model.latent_dim", m.latent_dim, "must be >= 1")
+    _need(0 <= m.iaf_depth, "model.iaf_depth", m.iaf_depth, "must be >= 0")
+    _need(m.iaf_width >= 1, "model.iaf_width", m.iaf_width, "must be >= 1")
+    _need(m.hidden_dim >= 1, "model.hidden_dim", m.hidden_dim, "must be >= 1")
+    _need(len(m.channels) == len(m.strides) and len(m.channels) > 0, "model.channels", m.channels,
+          "needs one entry per entry of model.strides")
+    _need(all(ch >= 1 for ch in m.channels), "model.channels", m.channels, "widths must be >= 1")
+    _need(all(s in (1, 2) for s in m.strides), "model.strides", m.strides, "strides must be 1 or 2")
+  _need(t.optimizer in ("adamax", "adam"), "train.optimizer", t.optimizer, "must be 'adamax' or 'adam'")
+  _need(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "must be > 0")
+  _need(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
+  _need(t.num_steps >= 0, "train.num_steps", t.num_steps, "must be >= 0")
+  _need(0.0 <= t.ema_decay < 1.0, "train.ema_decay", t.ema_decay, "must be in [0, 1)")
+  _need(t.free_bits >= 0, "train.free_bits", t.free_bits, "(lambda) must be >= 0")
+  _need(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
+  _need(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "must be >= 1")
+  _need(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0 (0 = off)")
+  _need(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
+  _need(0 < t.lr_plateau_factor <= 1, "train.lr_plateau_factor", t.lr_plateau_factor, "must be in (0, 1]")
+  _need(t.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite", t.max_consecutive_nonfinite,
+        "must be >= 1")
+  _need(e.num_samples >= 1, "eval.num_samples", e.num_samples, "(K) must be >= 1")
+  _need(e.chunk_size >= 1, "eval.chunk_size", e.chunk_size, "must be >= 1")
+  _need(e.batch_size >= 1, "eval.batch_size", e.batch_size, "must be >= 1")
+
+
+def to_dict(c: ml_collections.ConfigDict) -> dict:
+  return json.loads(c.to_json())
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise ConfigError(f"{workdir}: no {CONFIG_FILE} here; is this a training workdir?")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+  """'field: old -> new' for every leaf that differs between two config dicts."""
+  keys = sorted(set(a) | set(b))
+  out = []
+  for k in keys:
+    va, vb = a.get(k, "<missing>"), b.get(k, "<missing>")
+    if isinstance(va, dict) and isinstance(vb, dict):
+      out += config_diff(va, vb, f"{prefix}{k}.")
+    elif (list(va) if isinstance(va, (list, tuple)) else va) != (list(vb) if isinstance(vb, (list, tuple)) else vb):
+      out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+  return out
+
+
+def check_or_save_config(c: ml_collections.ConfigDict, workdir: str) -> None:
+  """Save the config in a new workdir; in an existing one, refuse a config whose model or data differ."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  new = to_dict(c)
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    diffs = config_diff({k: old.get(k, {}) for k in _IDENTITY_SECTIONS}, {k: new.get(k, {}) for k in _IDENTITY_SECTIONS})
+    if diffs:
+      raise ConfigError(f"{workdir} was trained with another config ({'; '.join(diffs[:3])}); "
+                        "use a new --workdir or the same model/data settings")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(new, f, indent=2)
+  os.replace(tmp, path)  # atomic: a crash never leaves half a config

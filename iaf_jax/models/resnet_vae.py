@@ -1,0 +1,412 @@
+"""The bidirectional-inference "ResNet VAE" of the IAF paper (report section 4.3 Experiment #2, Appendix 6.2).
+
+Architecture facts follow the IAF paper's public code ([H]: ../../shared/reference-hparams.md, openai/iaf
+`tf_train.py`):
+
+  x (8-bit) -> (x + 0.5) / 256 - 0.5 -> conv 5x5 stride `input_stride` to h_size channels
+  bottom-up, rung by rung (level i = 0..depth-1, block j = 0..num_blocks-1; the first rung of every level
+  i > 0 halves the resolution):
+      elu -> conv3x3 (stride 2 where downsampling) -> [qz_mean, qz_logsd, up_context, h]
+      h -> elu -> conv3x3;  out = input (nearest-neighbour downsampled where downsampling) + 0.1 * h
+  top-down, from a learned vector `h_top` tiled over the smallest map, rungs in reverse order:
+      elu -> conv3x3 -> [pz_mean, pz_logsd, rz_mean, rz_logsd, down_context, h_det]
+      prior p(z) = N(pz_mean, exp(pz_logsd)); posterior q(z0|.) = N(rz_mean + qz_mean, exp(rz_logsd + qz_logsd))
+      z0 ~ q; IAF (optional): (z, log-det) = IAFStep('pixelcnn')(z0; up_context + down_context);
+      log q(z) = log q(z0) - log-det; KL of the rung = log q(z) - log p(z) (summed over the rung's map)
+      h = elu(concat(z, h_det)) -> conv3x3 (transposed conv x2 where upsampling);
+      out = input (nearest-neighbour upsampled where upsampling) + 0.1 * h
+  elu -> transposed conv 5x5 stride `input_stride` -> discretized logistic mean (clipped to
+  [-0.5 + 1/512, 0.5 - 1/512]) with ONE learned scalar log-scale (`dec_log_stdv`, [H]) or a per-sub-pixel
+  log-scale, or a per-sub-pixel mixture of discretized logistics, or Bernoulli logits for {0, 1} data.
+
+Rungs are indexed in bottom-up order: rung r = level * num_blocks + block, so rung 0 is the one nearest the
+data and rung R-1 the top one. Every list of latents (`zs`) and every column block of `kl_per_group` uses that
+order. The random key is an explicit argument (no flax rng collections); rung r draws its noise from
+`jax.random.fold_in(key, r)`, so a batch of n*B draws all rungs jointly per example.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from iaf_jax import distributions as dist
+from iaf_jax.flows import IAFStep
+from iaf_jax.layers import ConvTranspose2D, MaskedConv2D
+
+# Bounds of the discretized logistic's mean on the [-0.5, 0.5] pixel scale ([H]: clip to 1/512 inside).
+_MEAN_LIMIT = 0.5 - 1.0 / 512
+# openai/iaf's conv2d/deconv2d default init_scale: every layer starts with outputs of std 0.1 over the init batch.
+_INIT_SCALE = 0.1
+# Residual branches are added with weight 0.1 ([H]: output = input + 0.1 * h).
+_RESIDUAL_WEIGHT = 0.1
+# Lower bound of the mixture's log-scales (PixelCNN++ uses the same), keeps the logistic from collapsing.
+_MIN_MIXTURE_LOG_SCALE = -7.0
+
+LIKELIHOODS = ("logistic", "bernoulli")
+KL_GROUPS = ("rung", "channel")
+
+
+def validate_resnet_vae(image_shape: Sequence[int], *, h_size: int, z_size: int, depth: int, num_blocks: int,
+                        iaf: bool, likelihood: str, input_stride: int, mixture_components: int,
+                        kl_groups: str = "rung") -> None:
+  """Raises ValueError with a clear message when the settings cannot build a ResNet VAE."""
+  if len(tuple(image_shape)) != 3:
+    raise ValueError(f"ResNetVAE: image_shape must be (H, W, C), got {tuple(image_shape)}")
+  if h_size < 1 or z_size < 1:
+    raise ValueError(f"ResNetVAE: h_size and z_size must be >= 1, got h_size={h_size}, z_size={z_size}")
+  if depth < 1 or num_blocks < 1:
+    raise ValueError(f"ResNetVAE: depth and num_blocks must be >= 1, got depth={depth}, num_blocks={num_blocks}")
+  if input_stride < 1:
+    raise ValueError(f"ResNetVAE: input_stride must be >= 1, got {input_stride}")
+  if iaf and h_size % z_size:
+    raise ValueError(
+        f"ResNetVAE: with iaf=True the PixelCNN hidden widths (h_size={h_size}) must be a multiple of z_size="
+        f"{z_size}: the masks split hidden channels into z_size equal groups, one per latent channel")
+  if likelihood not in LIKELIHOODS:
+    raise ValueError(f"ResNetVAE: likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+  if mixture_components < 0:
+    raise ValueError(f"ResNetVAE: mixture_components must be >= 0, got {mixture_components}")
+  if mixture_components and likelihood != "logistic":
+    raise ValueError("ResNetVAE: mixture_components > 0 needs likelihood='logistic'")
+  if kl_groups not in KL_GROUPS:
+    raise ValueError(f"ResNetVAE: kl_groups must be one of {KL_GROUPS}, got {kl_groups!r}")
+  h, w, _ = image_shape
+  factor = input_stride * 2 ** (depth - 1)
+  if h % factor or w % factor:
+    raise ValueError(
+        f"ResNetVAE: image size {h}x{w} must be divisible by input_stride * 2**(depth-1) = {factor} so the "
+        f"top-down pass upsamples back to the bottom-up sizes (input_stride={input_stride}, depth={depth})")
+
+
+def _nearest_down(x: jax.Array) -> jax.Array:
+  """Nearest-neighbour downsampling by 2 (tf.image.resize_nearest_neighbor to half size picks pixel 2i)."""
+  return x[:, ::2, ::2, :]
+
+
+def _nearest_up(x: jax.Array) -> jax.Array:
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+class Rung(nn.Module):
+  """One stochastic layer: its bottom-up half (`up`) and its top-down half (`down`)."""
+  h_size: int
+  z_size: int
+  downsample: bool = False
+  iaf: bool = True
+  learnt_sigma: bool = True
+  weight_norm: bool = True
+  top: bool = False  # the top rung reads the tiled h_top, constant at init: no data-dependent init there
+
+  def setup(self):
+    h, z, wn = self.h_size, self.z_size, self.weight_norm
+    stride = 2 if self.downsample else 1
+    self.up_conv1 = MaskedConv2D(2 * z + 2 * h, 3, stride, weight_norm=wn, init_scale=_INIT_SCALE)
+    self.up_conv2 = MaskedConv2D(h, 3, weight_norm=wn, init_scale=_INIT_SCALE)
+    # Data-dependent init of a layer whose input does not vary over the init batch would divide by a zero
+    # standard deviation; the top rung's first conv sees the tiled h_top, so it starts as a plain layer.
+    self.down_conv1 = MaskedConv2D(4 * z + 2 * h, 3, weight_norm=wn, init_scale=_INIT_SCALE,
+                                   data_init=not self.top)
+    if self.downsample:
+      self.down_conv2 = ConvTranspose2D(h, 3, 2, weight_norm=wn, init_scale=_INIT_SCALE)
+    else:
+      self.down_conv2 = MaskedConv2D(h, 3, weight_norm=wn, init_scale=_INIT_SCALE)
+    if self.iaf:
+      self.iaf_step = IAFStep("pixelcnn", (h, h), self.learnt_sigma, weight_norm=wn)
+
+  def up(self, x: jax.Array):
+    """Bottom-up half: x -> (output, (qz_mean, qz_logsd, up_context))."""
+    z, h = self.z_size, self.h_size
+    t = self.up_conv1(nn.elu(x))
+    qz_mean, qz_logsd, up_context, hid = jnp.split(t, [z, 2 * z, 2 * z + h], axis=-1)
+    hid = self.up_conv2(nn.elu(hid))
+    if self.downsample:
+      x = _nearest_down(x)
+    return x + _RESIDUAL_WEIGHT * hid, (qz_mean, qz_logsd, up_context)
+
+  def flow(self, z: jax.Array, context: jax.Array):
+    """The rung's IAF step on a latent map z [B, h, w, z_size] -> (z', log|det dz'/dz| [B]); identity without IAF."""
+    if not self.iaf:
+      return z, jnp.zeros(z.shape[:1], z.dtype)
+    return self.iaf_step(z, context)
+
+  def down(self, x: jax.Array, key: Optional[jax.Array], up: Any = None, z_fixed: Optional[jax.Array] = None):
+    """Top-down half. Three modes:
+
+    up given (posterior): z0 ~ q, z = IAF(z0), returns log q(z) [B];
+    z_fixed given: z = z_fixed (a latent of this rung, after any IAF), log q is None;
+    neither (prior): z ~ p, log q is None.
+    Returns (output, z, log_q, log_p [B], kl_map) with kl_map = log q - log p per channel, [B, z_size] (posterior
+    mode only, else None).
+    """
+    z_size, h = self.z_size, self.h_size
+    t = self.down_conv1(nn.elu(x))
+    pz_mean, pz_logsd, rz_mean, rz_logsd, down_context, h_det = jnp.split(
+        t, [z_size, 2 * z_size, 3 * z_size, 4 * z_size, 4 * z_size + h], axis=-1)
+    log_q = kl_channels = None
+    if z_fixed is not None:
+      z = z_fixed
+    elif up is None:
+      z = dist.diag_gaussian_sample(key, pz_mean, pz_logsd)
+    else:
+      qz_mean, qz_logsd, up_context = up
+      post_mean, post_logsd = rz_mean + qz_mean, rz_logsd + qz_logsd
+      z0 = dist.diag_gaussian_sample(key, post_mean, post_logsd)
+      log_q_el = _gaussian_log_density(z0, post_mean, post_logsd)
+      z, log_det = self.flow(z0, up_context + down_context)
+      log_q = jnp.sum(log_q_el, axis=(1, 2, 3)) - log_det
+    log_p_el = _gaussian_log_density(z, pz_mean, pz_logsd)
+    log_p = jnp.sum(log_p_el, axis=(1, 2, 3))
+    if up is not None and z_fixed is None:
+      # Per-channel KL, the free-bits groups of openai/iaf's tf_train.py (kl_groups='channel').
+      kl_channels = _per_channel_kl(log_q, log_q_el, log_p_el)
+    hid = nn.elu(jnp.concatenate([z, h_det], axis=-1))
+    hid = self.down_conv2(hid)
+    if self.downsample:
+      x = _nearest_up(x)
+    return x + _RESIDUAL_WEIGHT * hid, z, log_q, log_p, kl_channels
+
+
+def _gaussian_log_density(x, mean, log_std):
+  """Elementwise log N(x; mean, exp(log_std))."""
+  eps = (x - mean) * jnp.exp(-log_std)
+  return -0.5 * (dist.LOG_2PI + jnp.square(eps)) - log_std
+
+
+def _per_channel_kl(log_q, log_q_el, log_p_el):
+  """[B, C] KL per latent channel of a rung whose rows sum exactly to the rung's KL (log_q - sum log_p_el).
+
+  log q of the IAF output has no per-channel split (the log-det couples channels); the Gaussian part of log q
+  and log p are split per channel and the log-det's share goes in equal parts to every channel.
+  """
+  q_gauss = jnp.sum(log_q_el, axis=(1, 2))            # [B, C]
+  p_chan = jnp.sum(log_p_el, axis=(1, 2))             # [B, C]
+  log_det_share = (jnp.sum(q_gauss, axis=-1) - log_q) / q_gauss.shape[-1]  # = log-det / C
+  return q_gauss - log_det_share[:, None] - p_chan
+
+
+class ResNetVAE(nn.Module):
+  """The IAF paper's CIFAR-10 ResNet VAE with `depth` x `num_blocks` rungs (see the module docstring).
+
+  Inputs: likelihood 'logistic': pixel values 0..255 as float [B, H, W, C]; 'bernoulli': {0, 1} float.
+  """
+  image_shape: tuple[int, int, int] = (32, 32, 3)
+  h_size: int = 160
+  z_size: int = 32
+  depth: int = 2
+  num_blocks: int = 2
+  iaf: bool = True
+  learnt_sigma: bool = True
+  likelihood: str = "logistic"
+  input_stride: int = 2
+  shared_log_scale: bool = True
+  mixture_components: int = 0
+  kl_groups: str = "rung"  # 'rung': one kl_per_group column per rung; 'channel': one per latent channel of a rung
+  weight_norm: bool = True
+
+  @property
+  def num_rungs(self) -> int:
+    return self.depth * self.num_blocks
+
+  def latent_shapes(self) -> list[tuple[int, int, int]]:
+    """Shape (h, w, z_size) of each rung's latent map, rungs in bottom-up order."""
+    h, w, _ = self.image_shape
+    h, w = h // self.input_stride, w // self.input_stride
+    shapes = []
+    for i in range(self.depth):
+      if i > 0:
+        h, w = h // 2, w // 2
+      shapes += [(h, w, self.z_size)] * self.num_blocks
+    return shapes
+
+  def setup(self):
+    validate_resnet_vae(self.image_shape, h_size=self.h_size, z_size=self.z_size, depth=self.depth,
+                        num_blocks=self.num_blocks, iaf=self.iaf, likelihood=self.likelihood,
+                        input_stride=self.input_stride, mixture_components=self.mixture_components,
+                        kl_groups=self.kl_groups)
+    wn = self.weight_norm
+    c = self.image_shape[-1]
+    self.x_enc = MaskedConv2D(self.h_size, 5, self.input_stride, weight_norm=wn, init_scale=_INIT_SCALE)
+    rungs = []
+    for i in range(self.depth):
+      for j in range(self.num_blocks):
+        rungs.append(Rung(self.h_size, self.z_size, downsample=i > 0 and j == 0, iaf=self.iaf,
+                          learnt_sigma=self.learnt_sigma, weight_norm=wn,
+                          top=(i == self.depth - 1 and j == self.num_blocks - 1)))
+    self.rungs = rungs
+    self.h_top = self.param("h_top", nn.initializers.zeros, (self.h_size,))
+    if self.likelihood == "bernoulli":
+      out_c = c
+    elif self.mixture_components:
+      out_c = 3 * c * self.mixture_components
+    else:
+      out_c = c if self.shared_log_scale else 2 * c
+    self.x_dec = ConvTranspose2D(out_c, 5, self.input_stride, weight_norm=wn, init_scale=_INIT_SCALE)
+    if self._uses_shared_log_scale():
+      self.dec_log_stdv = self.param("dec_log_stdv", nn.initializers.zeros, ())
+
+  def _uses_shared_log_scale(self) -> bool:
+    return self.likelihood == "logistic" and not self.mixture_components and self.shared_log_scale
+
+  # --- the pieces ---
+  def _check_input(self, x):
+    if tuple(x.shape[1:]) != tuple(self.image_shape):
+      raise ValueError(f"ResNetVAE: expected images of shape {tuple(self.image_shape)}, got {tuple(x.shape[1:])}")
+
+  def _scale_input(self, x):
+    if self.likelihood == "bernoulli":
+      return x - 0.5
+    return dist.bin_centres(x)  # [H]: (x + 0.5) / 256 - 0.5
+
+  def bottom_up(self, x):
+    """x -> per rung (bottom-up order) (qz_mean, qz_logsd, up_context). Depends on x only."""
+    self._check_input(x)
+    h = self.x_enc(self._scale_input(x))
+    ups = []
+    for rung in self.rungs:
+      h, up = rung.up(h)
+      ups.append(up)
+    return ups
+
+  def top_down(self, batch: int, key: Optional[jax.Array] = None, ups=None, zs=None):
+    """The generative pass, rungs from the top down, in one of three modes:
+
+    ups given: posterior (z ~ q(z|x) with IAF, per rung); zs given: the latents are fixed; neither: prior.
+    Returns (h, zs, log_q, log_p, kl_channels): h the last feature map; zs, log_q [B], log_p [B] and
+    kl_channels [B, z_size] lists in bottom-up rung order (log_q / kl_channels None outside posterior mode).
+    """
+    if zs is not None and len(zs) != self.num_rungs:
+      raise ValueError(f"ResNetVAE: expected {self.num_rungs} latent maps (one per rung), got {len(zs)}")
+    if zs is None and key is None:
+      raise ValueError("ResNetVAE.top_down: a key is needed to sample latents")
+    top_h, top_w, _ = self.latent_shapes()[-1]
+    h = jnp.broadcast_to(self.h_top, (batch, top_h, top_w, self.h_size))
+    n = self.num_rungs
+    out_z, out_q, out_p, out_kl = [None] * n, [None] * n, [None] * n, [None] * n
+    for r in reversed(range(n)):
+      rkey = None if key is None else jax.random.fold_in(key, r)
+      h, z, log_q, log_p, kl_c = self.rungs[r].down(h, rkey, up=None if ups is None else ups[r],
+                                                  z_fixed=None if zs is None else zs[r])
+      out_z[r], out_q[r], out_p[r], out_kl[r] = z, log_q, log_p, kl_c
+    return h, out_z, out_q, out_p, out_kl
+
+  def decode(self, h):
+    """Last feature map -> likelihood parameters: Bernoulli logits [B, H, W, C]; logistic (mean, log_scale)
+    on the [-0.5, 0.5] scale; mixture (logit_probs, means, log_scales), each [B, H, W, C, K]."""
+    out = self.x_dec(nn.elu(h))
+    if self.likelihood == "bernoulli":
+      return out
+    if self.mixture_components:
+      k = self.mixture_components
+      out = out.reshape(*out.shape[:-1], self.image_shape[-1], 3, k)
+      logits, means, log_scales = out[..., 0, :], out[..., 1, :], out[..., 2, :]
+      return logits, jnp.clip(means, -_MEAN_LIMIT, _MEAN_LIMIT), jnp.maximum(log_scales, _MIN_MIXTURE_LOG_SCALE)
+    if self.shared_log_scale:
+      mean = out
+      log_scale = jnp.broadcast_to(self.dec_log_stdv, mean.shape)
+    else:
+      mean, log_scale = jnp.split(out, 2, axis=-1)
+    return jnp.clip(mean, -_MEAN_LIMIT, _MEAN_LIMIT), log_scale
+
+  def _log_px(self, x, params):
+    if self.likelihood == "bernoulli":
+      return dist.bernoulli_log_prob(x, params)
+    if self.mixture_components:
+      return dist.discretized_logistic_mixture_log_prob(x, *params)
+    return dist.discretized_logistic_log_prob(x, *params)
+
+  def _mean_image(self, params):
+    if self.likelihood == "bernoulli":
+      return jax.nn.sigmoid(params)
+    if self.mixture_components:
+      logits, means, _ = params
+      return jnp.sum(jax.nn.softmax(logits, axis=-1) * means, axis=-1) + 0.5
+    return params[0] + 0.5
+
+  def _kl_per_group(self, log_q, log_p, kl_channels):
+    if self.kl_groups == "channel":
+      return jnp.concatenate(kl_channels, axis=-1)
+    return jnp.stack([q - p for q, p in zip(log_q, log_p)], axis=-1)
+
+  def rung_flow(self, index: int, z, context):
+    """The IAF step of rung `index` (bottom-up order) alone: (z', log-det [B]). For tests and analysis."""
+    return self.rungs[index].flow(z, context)
+
+  # --- the protocol train_lib / eval_lib use ---
+  def __call__(self, x, key):
+    """Per-example terms of the single-sample ELBO; kl_per_group has one column per rung (bottom-up order)."""
+    ups = self.bottom_up(x)
+    h, _, log_q, log_p, kl_c = self.top_down(x.shape[0], key, ups=ups)
+    log_px = self._log_px(x, self.decode(h))
+    return {"log_px_given_z": log_px, "log_pz": sum(log_p), "log_qz": sum(log_q),
+            "kl_per_group": self._kl_per_group(log_q, log_p, kl_c)}
+
+  def log_weights(self, x, key, num_samples):
+    """[num_samples, B] log p(x, z_k) - log q(z_k|x): bottom-up once, then all rungs of the K samples jointly."""
+    ups = self.bottom_up(x)
+    tile = lambda a: jnp.broadcast_to(a, (num_samples,) + a.shape).reshape(-1, *a.shape[1:])
+    ups = jax.tree_util.tree_map(tile, ups)
+    b = x.shape[0]
+    h, _, log_q, log_p, _ = self.top_down(num_samples * b, key, ups=ups)
+    log_w = self._log_px(tile(x), self.decode(h)) + sum(log_p) - sum(log_q)
+    return log_w.reshape(num_samples, b)
+
+  def sample(self, key, num):
+    """[num, H, W, C] mean images in [0, 1], every rung's z drawn from the prior (no IAF)."""
+    h, *_ = self.top_down(num, key)
+    return self._mean_image(self.decode(h))
+
+  def reconstruct(self, x, key):
+    h, *_ = self.top_down(x.shape[0], key, ups=self.bottom_up(x))
+    return self._mean_image(self.decode(h))
+
+  def posterior_sample(self, x, key):
+    """(list of z per rung in bottom-up order, each [B, h, w, z_size]; log q(z|x) [B])."""
+    _, zs, log_q, _, _ = self.top_down(x.shape[0], key, ups=self.bottom_up(x))
+    return zs, sum(log_q)
+
+  def log_likelihood(self, x, zs):
+    """log p(x | z) [B] for the latents zs of every rung (bottom-up order)."""
+    self._check_input(x)
+    h, *_ = self.top_down(x.shape[0], zs=list(zs))
+    return self._log_px(x, self.decode(h))
+
+  def log_prior(self, zs):
+    """log p(z) [B] = sum over rungs of log p(z_r | z_>r)."""
+    zs = list(zs)
+    _, _, _, log_p, _ = self.top_down(zs[0].shape[0], zs=zs)
+    return sum(log_p)
+
+
+def _field(cfg, name, default):
+  if isinstance(cfg, dict):
+    return cfg.get(name, default)
+  try:
+    return getattr(cfg, name)
+  except (AttributeError, KeyError):
+    return default
+
+
+def build_resnet_vae(model_config, image_shape) -> ResNetVAE:
+  """The ResNetVAE `config.model` describes (configs/cifar10.py), for images of shape (H, W, C)."""
+  kwargs = dict(
+      image_shape=tuple(int(d) for d in image_shape),
+      h_size=int(_field(model_config, "h_size", 160)),
+      z_size=int(_field(model_config, "z_size", 32)),
+      depth=int(_field(model_config, "depth", 2)),
+      num_blocks=int(_field(model_config, "num_blocks", 2)),
+      iaf=bool(_field(model_config, "iaf", True)),
+      learnt_sigma=bool(_field(model_config, "learnt_sigma", True)),
+      likelihood=str(_field(model_config, "likelihood", "logistic")),
+      input_stride=int(_field(model_config, "input_stride", 2)),
+      shared_log_scale=bool(_field(model_config, "shared_log_scale", True)),
+      mixture_components=int(_field(model_config, "mixture_components", 0)),
+      kl_groups=str(_field(model_config, "kl_groups", "rung")),
+      weight_norm=bool(_field(model_config, "weight_norm", True)),
+  )
+  validate_resnet_vae(kwargs["image_shape"], **{k: kwargs[k] for k in (
+      "h_size", "z_size", "depth", "num_blocks", "iaf", "likelihood", "input_stride", "mixture_components",
+      "kl_groups")})
+  return ResNetVAE(**kwargs)

@@ -1,0 +1,305 @@
+"""The training loop: TrainState, the pure update step, the device mesh, orbax checkpoints, EMA, plateau
+annealing and early stopping. Knows nothing of a model's insides: it calls `model.apply` and
+`objectives.vae_loss` (see iaf_jax/models/__init__.py for the protocol)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from iaf_jax import checkpoints, config_lib, data as data_lib, objectives
+from iaf_jax.models import build_model
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+  """A run that cannot go on (too many non-finite steps, ...): one line for the user."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array                  # number of update steps taken (applied or skipped)
+  params: Any
+  ema_params: Any                  # Polyak / EMA average of params, used for evaluation
+  opt_state: Any
+  rng: jax.Array                   # raw uint32[2] key; step keys are fold_in(rng, step)
+  num_nonfinite: jax.Array         # steps skipped because loss or gradients were not finite
+  consecutive_nonfinite: jax.Array
+
+
+# ----------------------------------------------------------------------------- optimizer and step
+
+def make_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adamax (or Adam) with an injectable learning rate, so plateau annealing can change it in the state."""
+  def build(learning_rate):
+    opts = {"adamax": optax.adamax, "adam": optax.adam}
+    chain = [opts[train_cfg.optimizer](learning_rate, b1=train_cfg.b1, b2=train_cfg.b2)]
+    if train_cfg.grad_clip_norm > 0:
+      chain.insert(0, optax.clip_by_global_norm(train_cfg.grad_clip_norm))
+    return optax.chain(*chain)
+  return optax.inject_hyperparams(build)(learning_rate=train_cfg.learning_rate)
+
+
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+
+
+def make_train_step(model, optimizer: optax.GradientTransformation, *, likelihood: str, max_value: int,
+                    free_bits: float, ema_decay: float) -> Callable:
+  """(state, uint8 images) -> (state, metrics): one pure update. A step whose loss or gradients are not
+  finite changes nothing but the step and skip counters."""
+
+  def train_step(state: TrainState, images: jax.Array):
+    key = jax.random.fold_in(state.rng, state.step)
+    k_bin, k_z = jax.random.split(key)
+    x = data_lib.model_inputs(k_bin, images, likelihood, max_value)
+
+    def loss_fn(params):
+      terms = model.apply({"params": params}, x, k_z)
+      return objectives.vae_loss(terms, free_bits)
+
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    ok = jnp.isfinite(loss) & _all_finite(grads)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    # Warmed-up decay (as TF's ExponentialMovingAverage with num_updates): early on the average follows the
+    # params instead of staying near the initialisation for ~1/(1-decay) steps.
+    decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
+    ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
+    new_state = state.replace(
+        step=state.step + 1, params=keep(params, state.params), ema_params=keep(ema, state.ema_params),
+        opt_state=keep(opt_state, state.opt_state),
+        num_nonfinite=state.num_nonfinite + (~ok).astype(jnp.int32),
+        consecutive_nonfinite=jnp.where(ok, 0, state.consecutive_nonfinite + 1))
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads), finite=ok.astype(jnp.float32))
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_elbo(model, *, likelihood: str, max_value: int) -> Callable:
+  """(params, uint8 images, key) -> per-example single-sample negative ELBO (nats)."""
+  def eval_step(params, images, key):
+    k_bin, k_z = jax.random.split(key)
+    x = data_lib.model_inputs(k_bin, images, likelihood, max_value)
+    t = model.apply({"params": params}, x, k_z)
+    return -objectives.elbo(t["log_px_given_z"], t["log_pz"], t["log_qz"])
+  return eval_step
+
+
+def init_state(model, optimizer, images: np.ndarray, seed: int, *, likelihood: str, max_value: int) -> TrainState:
+  """Parameters with data-dependent init on a real batch (weight norm), the optimizer state and the EMA."""
+  rng = jax.random.PRNGKey(seed)
+  k_init, k_bin, k_z, k_run = jax.random.split(rng, 4)
+  x = data_lib.model_inputs(k_bin, jnp.asarray(images), likelihood, max_value)
+  params = jax.jit(model.init)(k_init, x, k_z)["params"]
+  zero = jnp.zeros((), jnp.int32)
+  state = TrainState(step=zero, params=params, ema_params=params, opt_state=optimizer.init(params), rng=k_run,
+                     num_nonfinite=zero, consecutive_nonfinite=zero)
+  # Every leaf gets its own buffer: the step donates its input, and a buffer may be donated only once.
+  return jax.tree_util.tree_map(jnp.array, state)
+
+
+# ----------------------------------------------------------------------------- devices
+
+def make_mesh() -> Mesh:
+  """A 1-D 'data' mesh over every device of every host: batch sharded, parameters replicated."""
+  return Mesh(np.asarray(jax.devices()), ("data",))
+
+
+def global_batch(mesh: Mesh, local_images: np.ndarray) -> jax.Array:
+  """This process's rows of the global batch -> one global array sharded over 'data'."""
+  return jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), local_images)
+
+
+def process_rows(indices: np.ndarray) -> np.ndarray:
+  """The slice of a global batch's example indices that this process loads."""
+  per = len(indices) // jax.process_count()
+  return indices[jax.process_index() * per:(jax.process_index() + 1) * per]
+
+
+# ----------------------------------------------------------------------------- the loop
+
+class _StopFlag:
+  """Set by SIGTERM / SIGINT: the loop saves a checkpoint and exits cleanly at the next step."""
+  def __init__(self):
+    self.signal = None
+
+  def __call__(self, signum, frame):
+    self.signal = signum
+
+
+def _progress(step, total, t0, step0, batch, extra=""):
+  rate = (step - step0) / max(time.time() - t0, 1e-9)
+  width = 24
+  done = int(width * step / max(total, 1))
+  line = (f"\r[{'#' * done}{'.' * (width - done)}] step {step}/{total}  {rate:.2f} step/s  "
+          f"{rate * batch:.0f} img/s  {extra}")
+  sys.stderr.write(line[:200].ljust(120))
+  sys.stderr.flush()
+
+
+def _append_jsonl(path: str, record: dict) -> None:
+  with open(path, "a") as f:
+    f.write(json.dumps(record) + "\n")
+
+
+def validation_neg_elbo(eval_fn, params, images: np.ndarray, mesh: Mesh, batch_size: int, seed: int) -> float:
+  """Mean single-sample negative ELBO over the given images (fixed keys, so comparable across evaluations)."""
+  n_dev = mesh.devices.size
+  bs = max(n_dev, (batch_size // n_dev) * n_dev)
+  total, count = 0.0, 0
+  for start in range(0, len(images), bs):
+    chunk = images[start:start + bs]
+    pad = bs - len(chunk)
+    padded = np.concatenate([chunk, np.repeat(chunk[:1], pad, axis=0)]) if pad else chunk
+    vals = eval_fn(params, jax.device_put(padded, NamedSharding(mesh, P("data"))),
+                   jax.random.fold_in(jax.random.PRNGKey(seed), start))
+    vals = np.asarray(jax.device_get(vals))[:len(chunk)]
+    total, count = total + float(vals.sum()), count + len(chunk)
+  return total / max(count, 1)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Train the model `config` describes into `workdir`, resuming from its latest checkpoint if any.
+
+  Returns the final summary (also the last line of workdir/metrics.jsonl).
+  """
+  config_lib.validate_config(config)
+  tc = config.train
+  if tc.distributed:
+    jax.distributed.initialize()
+  checkpoints.check_workdir_writable(workdir)
+  config_lib.check_or_save_config(config, workdir)
+
+  ds = data_lib.load_dataset(config.data.name, config.data.dir or None, validation_size=config.data.validation_size,
+                             seed=config.seed, likelihood=config.model.likelihood,
+                             max_train=config.data.max_train or None)
+  if len(ds.train) < tc.batch_size:
+    raise data_lib.DataError(f"{ds.name}: {len(ds.train)} training examples < batch size {tc.batch_size}")
+  if jax.process_index() == 0:
+    from iaf_jax.eval_lib import write_data_info
+    write_data_info(workdir, ds)
+  mesh = make_mesh()
+  n_dev = mesh.devices.size
+  if tc.batch_size % n_dev:
+    raise config_lib.ConfigError(f"config.train.batch_size={tc.batch_size} must be a multiple of the "
+                                 f"{n_dev} devices")
+  model = build_model(config.model, ds.image_shape)
+  optimizer = make_optimizer(tc)
+  lik, maxv = config.model.likelihood, ds.max_value
+
+  manager = checkpoints.CheckpointManager(workdir, keep=tc.keep_checkpoints)
+  first_batch = ds.train[data_lib.batch_indices(len(ds.train), tc.batch_size, 0, config.seed)]
+  fresh = lambda: init_state(model, optimizer, first_batch, config.seed, likelihood=lik, max_value=maxv)
+  replicated = NamedSharding(mesh, P())
+  state, meta = manager.restore_latest(fresh, replicated)
+  if meta is None:
+    state = fresh()
+    meta = {"best_valid": None, "bad_evals": 0, "wall_time": 0.0}
+    log.info("starting a new run in %s (%d parameters)", workdir,
+             sum(x.size for x in jax.tree_util.tree_leaves(state.params)))
+  else:
+    log.info("resumed %s at step %d", workdir, int(state.step))
+
+  state = jax.device_put(state, replicated)
+  train_step = jax.jit(make_train_step(model, optimizer, likelihood=lik, max_value=maxv, free_bits=tc.free_bits,
+                                       ema_decay=tc.ema_decay), donate_argnums=0)
+  eval_fn = jax.jit(make_eval_elbo(model, likelihood=lik, max_value=maxv))
+  valid = ds.valid[:config.eval.valid_examples]
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+
+  stop = _StopFlag()
+  old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+  step = int(state.step)
+  t0, step0, wall0 = time.time(), step, meta["wall_time"]
+  pending: list = []
+  stop_reason = "num_steps"
+
+  def save(st, best=False):
+    meta["wall_time"] = wall0 + time.time() - t0
+    manager.save(int(st.step), st, meta, best=best)
+
+  try:
+    while step < tc.num_steps:
+      if stop.signal is not None:
+        stop_reason = f"signal {signal.Signals(stop.signal).name}"
+        break
+      idx = process_rows(data_lib.batch_indices(len(ds.train), tc.batch_size, step, config.seed))
+      state, metrics = train_step(state, global_batch(mesh, ds.train[idx]))
+      pending.append(metrics)
+      step += 1
+
+      if step % tc.log_every == 0 or step == tc.num_steps:
+        # The only host sync of the loop: metrics of the last log_every steps, averaged.
+        host = jax.device_get(pending)
+        pending = []
+        record = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+        record.update(step=step, lr=float(state.opt_state.hyperparams["learning_rate"]),
+                      skipped_steps=int(state.num_nonfinite), wall_time=wall0 + time.time() - t0)
+        if jax.process_index() == 0:
+          _append_jsonl(metrics_path, record)
+          _progress(step, tc.num_steps, t0, step0, tc.batch_size,
+                    f"-elbo {record['neg_elbo']:.2f}  kl {record['kl']:.2f}  skipped {record['skipped_steps']}")
+        if int(state.consecutive_nonfinite) >= tc.max_consecutive_nonfinite:
+          raise TrainingError(
+              f"{int(state.consecutive_nonfinite)} consecutive steps had non-finite loss or gradients "
+              f"(step {step}); stopped. The last good checkpoint in {workdir} is intact.")
+
+      evaluated_best = False
+      if tc.eval_every and len(valid) and step % tc.eval_every == 0:
+        v = validation_neg_elbo(eval_fn, state.ema_params, valid, mesh, config.eval.batch_size, config.seed)
+        improved = meta["best_valid"] is None or v < meta["best_valid"]
+        if improved:
+          meta["best_valid"], meta["bad_evals"] = v, 0
+        else:
+          meta["bad_evals"] += 1
+        lr = float(state.opt_state.hyperparams["learning_rate"])
+        if (not improved and tc.lr_plateau_patience and meta["bad_evals"] % tc.lr_plateau_patience == 0
+            and lr > tc.min_learning_rate):
+          lr = max(lr * tc.lr_plateau_factor, tc.min_learning_rate)
+          hp = dict(state.opt_state.hyperparams, learning_rate=jax.device_put(jnp.asarray(lr, jnp.float32),
+                                                                               replicated))
+          state = state.replace(opt_state=state.opt_state._replace(hyperparams=hp))
+        if jax.process_index() == 0:
+          _append_jsonl(metrics_path, {"step": step, "valid_neg_elbo": v, "best_valid_neg_elbo": meta["best_valid"],
+                                       "lr": lr})
+          sys.stderr.write(f"\nstep {step}: validation -ELBO {v:.3f} (best {meta['best_valid']:.3f}), lr {lr:g}\n")
+        if improved:
+          save(state, best=True)
+          evaluated_best = True
+        if tc.early_stopping_patience and meta["bad_evals"] >= tc.early_stopping_patience:
+          stop_reason = f"early stopping after {meta['bad_evals']} evaluations without improvement"
+          break
+
+      if step % tc.checkpoint_every == 0 and not evaluated_best:
+        save(state)
+  finally:
+    for s, h in old_handlers.items():
+      signal.signal(s, h)
+    manager.wait()
+
+  if int(state.step) not in manager.steps():
+    save(state)
+  manager.wait()
+  summary = {"event": "end", "step": int(state.step), "reason": stop_reason,
+             "skipped_steps": int(state.num_nonfinite), "best_valid_neg_elbo": meta["best_valid"],
+             "wall_time": wall0 + time.time() - t0}
+  if jax.process_index() == 0:
+    _append_jsonl(metrics_path, summary)
+    sys.stderr.write(f"\n{json.dumps(summary)}\n")
+  return summary

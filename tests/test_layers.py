@@ -1,0 +1,225 @@
+"""Tests of iaf_jax.layers: masked, weight-normalised dense/conv layers with data-dependent init.
+
+XLA compiles slowly on the test machines, so random parameters are drawn with numpy into the shapes given by
+`jax.eval_shape(model.init, ...)`, and each real `init` is one jitted call.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from iaf_jax import masks as masks_lib
+from iaf_jax.layers import ConvTranspose2D, MaskedConv2D, MaskedDense
+
+RNG_KEY = jax.random.PRNGKey(0)
+
+
+def random_params(model, x, seed=0, scale=1.0):
+  """Every parameter random (masked kernel entries too): only the mask can zero a connection."""
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(model.init, RNG_KEY, x)
+  return jax.tree_util.tree_map(lambda s: (scale * rng.normal(size=s.shape) + 0.5).astype(np.float32), shapes)
+
+
+def made_mask():
+  # k=4 latents, 2 context inputs, 8 hidden: the context feeds every unit, so no column is empty.
+  return masks_lib.made_masks(4, (8,), num_context=2)[0]  # [6, 8]
+
+
+def conv_mask():
+  return masks_lib.pixelcnn_mask(3, 2, 4, "B", num_groups=2)  # [3, 3, 2, 4]
+
+
+def dense_input(seed=1, n=64):
+  rng = np.random.default_rng(seed)
+  # far from zero mean / unit scale, so normalisation has work to do
+  return (3.0 + 5.0 * rng.normal(size=(n, 6)) * np.linspace(0.2, 2.0, 6)).astype(np.float32)
+
+
+def conv_input(seed=2, n=16, hw=4, c=2):
+  rng = np.random.default_rng(seed)
+  return (-2.0 + 4.0 * rng.normal(size=(n, hw, hw, c))).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- data-dependent init
+
+INIT_CASES = [
+    ("dense_masked", lambda s: MaskedDense(8, mask=made_mask(), init_scale=s), dense_input, 0.1),
+    ("dense_plain", lambda s: MaskedDense(5, init_scale=s), dense_input, 1.0),
+    ("conv_masked", lambda s: MaskedConv2D(4, 3, mask=conv_mask(), init_scale=s), conv_input, 1.0),
+    ("conv_strided", lambda s: MaskedConv2D(3, 3, strides=2, init_scale=s), conv_input, 0.5),
+    ("conv_transpose", lambda s: ConvTranspose2D(3, 3, strides=2, init_scale=s), conv_input, 0.5),
+]
+
+
+@pytest.mark.parametrize("name,make,make_input,init_scale", INIT_CASES, ids=[c[0] for c in INIT_CASES])
+def test_data_dependent_init_normalises_the_init_batch(name, make, make_input, init_scale):
+  """Salimans & Kingma: after init on a batch, every output unit has mean 0 and std init_scale on that batch."""
+  layer = make(init_scale)
+  x = make_input()
+
+  @jax.jit
+  def init_and_apply(key, x):
+    params = layer.init(key, x)
+    return params, layer.apply(params, x)
+
+  params, y = init_and_apply(RNG_KEY, x)
+  y = np.asarray(y, np.float64)
+  axes = tuple(range(y.ndim - 1))
+  assert set(params["params"]) == {"kernel", "scale", "bias"}
+  np.testing.assert_allclose(y.mean(axis=axes), 0.0, atol=1e-4 * max(1.0, init_scale))
+  np.testing.assert_allclose(y.std(axis=axes), init_scale, rtol=2e-3)
+
+
+def test_data_init_differs_from_batch_to_batch():
+  """The init really depends on the data: another batch gives other scale/bias."""
+  layer = MaskedDense(5)
+  init = jax.jit(layer.init)
+  p1 = init(RNG_KEY, dense_input(1))
+  p2 = init(RNG_KEY, dense_input(2) * 3.0 + 1.0)
+  np.testing.assert_array_equal(p1["params"]["kernel"], p2["params"]["kernel"])  # same key, same v
+  assert not np.allclose(p1["params"]["scale"], p2["params"]["scale"])
+  assert not np.allclose(p1["params"]["bias"], p2["params"]["bias"])
+
+
+def test_init_without_data_init_uses_init_scale_and_zero_bias():
+  layer = MaskedDense(5, data_init=False, init_scale=0.3)
+  x = dense_input()
+  params = jax.jit(layer.init)(RNG_KEY, x)["params"]
+  np.testing.assert_allclose(params["scale"], 0.3)
+  np.testing.assert_array_equal(params["bias"], 0.0)
+
+
+# ----------------------------------------------------------------------------- masks and gradients
+
+GRAD_CASES = [
+    ("dense_wn", lambda: MaskedDense(8, mask=made_mask()), lambda: dense_input(n=5), made_mask),
+    ("dense_plain", lambda: MaskedDense(8, mask=made_mask(), weight_norm=False), lambda: dense_input(n=5),
+     made_mask),
+    ("conv_wn", lambda: MaskedConv2D(4, 3, mask=conv_mask()), lambda: conv_input(n=3), conv_mask),
+    ("conv_plain", lambda: MaskedConv2D(4, 3, mask=conv_mask(), weight_norm=False), lambda: conv_input(n=3),
+     conv_mask),
+]
+
+
+@pytest.mark.parametrize("name,make,make_input,make_mask", GRAD_CASES, ids=[c[0] for c in GRAD_CASES])
+def test_masked_kernel_entries_get_zero_gradient(name, make, make_input, make_mask):
+  layer, x, mask = make(), make_input(), make_mask()
+  params = random_params(layer, x, seed=3)
+  w = np.random.default_rng(4).normal(size=jax.eval_shape(layer.apply, params, x).shape).astype(np.float32)
+
+  @jax.jit
+  def grad_kernel(params):
+    return jax.grad(lambda p: jnp.sum(layer.apply(p, x) * w))(params)["params"]["kernel"]
+
+  g = np.asarray(grad_kernel(params))
+  assert g.shape == mask.shape
+  np.testing.assert_array_equal(g * (1.0 - mask), 0.0)
+  assert np.all(np.abs(g[mask == 1.0]) > 0), "every kept entry should receive gradient"
+
+
+@pytest.mark.parametrize("name,make,make_input,make_mask", GRAD_CASES, ids=[c[0] for c in GRAD_CASES])
+def test_masked_kernel_entries_do_not_affect_the_output(name, make, make_input, make_mask):
+  layer, x, mask = make(), make_input(), make_mask()
+  params = random_params(layer, x, seed=5)
+  changed = jax.tree_util.tree_map(lambda a: a, params)
+  kernel = np.array(params["params"]["kernel"])
+  kernel[mask == 0.0] += 100.0 * np.random.default_rng(6).normal(size=int((mask == 0).sum()))
+  changed["params"]["kernel"] = kernel.astype(np.float32)
+  apply = jax.jit(layer.apply)
+  np.testing.assert_array_equal(apply(params, x), apply(changed, x))
+  # ... whereas a kept entry does
+  kernel2 = np.array(params["params"]["kernel"])
+  kernel2[tuple(np.argwhere(mask == 1.0)[0])] += 1.0
+  changed["params"]["kernel"] = kernel2
+  assert not np.allclose(apply(params, x), apply(changed, x))
+
+
+# ----------------------------------------------------------------------------- weight normalisation
+
+
+def test_weight_norm_output_invariant_to_kernel_rescaling_and_column_norm_is_scale():
+  layer = MaskedDense(8, mask=made_mask())
+  x = dense_input(n=5)
+  params = random_params(layer, x, seed=7)
+  apply = jax.jit(layer.apply)
+  scaled = jax.tree_util.tree_map(lambda a: a, params)
+  scaled["params"]["kernel"] = params["params"]["kernel"] * 7.5
+  np.testing.assert_allclose(apply(params, x), apply(scaled, x), rtol=1e-5, atol=1e-5)
+  # The effective weight (the Jacobian of the affine map) has column norms |g|.
+  jac = np.asarray(jax.jacfwd(lambda xi: layer.apply(params, xi[None])[0])(x[0]))  # [out, in]
+  np.testing.assert_allclose(np.linalg.norm(jac, axis=1), np.abs(params["params"]["scale"]), rtol=1e-4)
+  assert np.all(jac.T[made_mask() == 0] == 0)
+
+
+def test_dense_without_weight_norm_is_a_plain_masked_affine_map():
+  layer = MaskedDense(8, mask=made_mask(), weight_norm=False)
+  x = dense_input(n=5)
+  shapes = jax.eval_shape(layer.init, RNG_KEY, x)
+  assert set(shapes["params"]) == {"kernel", "bias"}
+  params = jax.jit(layer.init)(RNG_KEY, x)
+  np.testing.assert_array_equal(params["params"]["bias"], 0.0)
+  params = random_params(layer, x, seed=8)
+  kernel, bias = (np.asarray(params["params"][n], np.float64) for n in ("kernel", "bias"))
+  expected = x.astype(np.float64) @ (kernel * made_mask()) + bias
+  np.testing.assert_allclose(layer.apply(params, x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_dense_without_bias():
+  layer = MaskedDense(5, use_bias=False, weight_norm=False)
+  x = dense_input(n=5)
+  params = random_params(layer, x, seed=8)
+  assert set(params["params"]) == {"kernel"}
+  np.testing.assert_allclose(layer.apply(params, x), x @ np.asarray(params["params"]["kernel"]), rtol=1e-4,
+                             atol=1e-4)
+
+
+def numpy_conv_same(x, w, stride=1):
+  """Reference NHWC cross-correlation, HWIO kernel, SAME padding for odd kernels, stride 1."""
+  kh, kw = w.shape[:2]
+  n, h, wd, _ = x.shape
+  xp = np.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+  out = np.zeros((n, h, wd, w.shape[-1]))
+  for i in range(h):
+    for j in range(wd):
+      patch = xp[:, i:i + kh, j:j + kw, :]
+      out[:, i, j] = np.einsum("nhwc,hwco->no", patch, w)
+  return out
+
+
+def test_conv_without_weight_norm_is_a_plain_masked_convolution():
+  layer = MaskedConv2D(4, 3, mask=conv_mask(), weight_norm=False)
+  x = conv_input(n=3)
+  params = random_params(layer, x, seed=9)
+  assert set(params["params"]) == {"kernel", "bias"}
+  kernel, bias = (np.asarray(params["params"][n], np.float64) for n in ("kernel", "bias"))
+  expected = numpy_conv_same(x.astype(np.float64), kernel * conv_mask()) + bias
+  np.testing.assert_allclose(layer.apply(params, x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_with_weight_norm_matches_normalised_reference():
+  """y = g * conv(x, v*mask / ||v*mask||) + b, the norm over (kh, kw, in) per output channel."""
+  layer = MaskedConv2D(4, 3, mask=conv_mask())
+  x = conv_input(n=3)
+  params = random_params(layer, x, seed=10)
+  p = {n: np.asarray(a, np.float64) for n, a in params["params"].items()}
+  v = p["kernel"] * conv_mask()
+  w = v / np.sqrt(np.sum(v ** 2, axis=(0, 1, 2)))
+  expected = numpy_conv_same(x.astype(np.float64), w * p["scale"]) + p["bias"]
+  np.testing.assert_allclose(layer.apply(params, x), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_transpose_upsamples(stride):
+  layer = ConvTranspose2D(3, 3, strides=stride, weight_norm=False)
+  x = conv_input(n=2)
+  out = jax.eval_shape(layer.init_with_output, RNG_KEY, x)[0]
+  assert out.shape == (2, 4 * stride, 4 * stride, 3)
+
+
+def test_mask_shape_mismatch_raises():
+  with pytest.raises(ValueError):
+    MaskedDense(8, mask=np.ones((5, 8), np.float32)).init(RNG_KEY, dense_input(n=2))
+  with pytest.raises(ValueError):
+    MaskedConv2D(4, 3, mask=np.ones((3, 3, 3, 4), np.float32)).init(RNG_KEY, conv_input(n=2))
