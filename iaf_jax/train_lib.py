@@ -85,7 +85,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, likelihoo
         opt_state=keep(opt_state, state.opt_state),
         num_nonfinite=state.num_nonfinite + (~ok).astype(jnp.int32),
         consecutive_nonfinite=jnp.where(ok, 0, state.consecutive_nonfinite + 1))
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads), finite=ok.astype(jnp.float32))
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), finite=ok.astype(jnp.float32))
     return new_state, metrics
 
   return train_step

@@ -91,13 +91,22 @@ def network_sigma(kind, params, z, h, reverse):
     net, sub, ctx = MADE(MADE_HIDDEN, 2), "MADE_0", h
   else:
     net, sub, ctx = PixelCNNNetwork(PIX_HIDDEN, 3, 2), "PixelCNNNetwork_0", flip(h)
-  out = np.asarray(net.apply({"params": params["params"][sub]}, flip(z), ctx))
+  out = np.asarray(_net_apply(net, {"params": params["params"][sub]}, flip(z), ctx))
   return flip(1.0 / (1.0 + np.exp(-(out[..., 1].astype(np.float64) + flows.SIGMA_BIAS))))
 
 
 def _jac_and_output(module, params, z, h):
   """(d module(z, h)[0] / dz, module(z, h)). Module-level with the module static, so jit caches are shared."""
   return jax.jacfwd(lambda zz: module.apply(params, zz, h)[0])(z), module.apply(params, z, h)
+
+
+# the same function jitted: shares jit caches with the chex with_jit variant of the same (module, shapes)
+jac_and_output = jax.jit(_jac_and_output, static_argnums=0)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _net_apply(net, params, z, h):
+  return net.apply(params, z, h)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -209,8 +218,7 @@ class IAFFlowJacobianTest(chex.TestCase):
     dim = int(np.prod(z.shape[1:]))
     assert sorted(params["params"]) == [f"step_{t}" for t in range(depth)]
 
-    jac_fn = self.variant(_jac_and_output, static_argnums=0)
-    jac, (z_out, log_det) = jac_fn(flow, params, z, h)
+    jac, (z_out, log_det) = self.variant(_jac_and_output, static_argnums=0)(flow, params, z, h)
     blocks = per_example_blocks(jac, B, dim)
     sign, logabs = slogdet_per_example(blocks)
     np.testing.assert_array_equal(sign, 1.0)
@@ -225,7 +233,7 @@ class IAFFlowJacobianTest(chex.TestCase):
     for t in range(depth):
       step = make_step(kind, learnt_sigma, reverse=bool(t % 2))
       step_params = {"params": params["params"][f"step_{t}"]}
-      sj, (z_next, ld) = jac_fn(step, step_params, zt, h)
+      sj, (z_next, ld) = jac_and_output(step, step_params, zt, h)
       step_blocks = per_example_blocks(sj, B, dim)
       assert_triangular(step_blocks, reverse=bool(t % 2))
       np.testing.assert_allclose(ld, slogdet_per_example(step_blocks)[1], rtol=1e-4, atol=1e-4)

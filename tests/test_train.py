@@ -1,0 +1,150 @@
+"""End to end: train_and_evaluate, resuming, determinism, skipped non-finite steps, evaluation, the API."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import tiny_config
+from iaf_jax import api, checkpoints, config_lib, eval_lib, train_lib
+from iaf_jax.models import build_model
+
+
+def _records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run"))
+  summary = train_lib.train_and_evaluate(tiny_config(), workdir)
+  return workdir, summary
+
+
+def test_train_writes_checkpoints_metrics_and_config(trained):
+  workdir, summary = trained
+  assert summary["step"] == 12 and summary["skipped_steps"] == 0
+  # every 4 steps, at the best validation (6) and at the end; the newest 3 kept
+  assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints"))) == [6, 8, 12]
+  assert os.listdir(os.path.join(workdir, "best"))  # validation ran at steps 6 and 12
+  recs = _records(workdir)
+  train_recs = [r for r in recs if "neg_elbo" in r]
+  assert [r["step"] for r in train_recs] == [4, 8, 12]
+  assert all(np.isfinite(r["neg_elbo"]) and r["lr"] > 0 for r in train_recs)
+  assert any("valid_neg_elbo" in r for r in recs)
+  assert json.load(open(os.path.join(workdir, "config.json")))["model"]["iaf_depth"] == 2
+
+
+def test_resume_continues_and_matches_uninterrupted_run(tmp_path):
+  """Stopping at step 8 and rerunning to 12 gives exactly the parameters of a straight run to 12."""
+  straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+  cfg = tiny_config(**{"train.eval_every": 0})
+  train_lib.train_and_evaluate(cfg, straight)
+  train_lib.train_and_evaluate(tiny_config(**{"train.eval_every": 0, "train.num_steps": 8}), resumed)
+  train_lib.train_and_evaluate(cfg, resumed)
+  steps = [r["step"] for r in _records(resumed) if "neg_elbo" in r]
+  assert steps == [4, 8, 12]  # the second run picked up at 8, it did not start over
+  a = eval_lib.load_run(straight, "latest").params
+  b = eval_lib.load_run(resumed, "latest").params
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_resume_refuses_incompatible_config(trained):
+  workdir, _ = trained
+  with pytest.raises(config_lib.ConfigError, match="model.latent_dim"):
+    train_lib.train_and_evaluate(tiny_config(**{"model.latent_dim": 6}), workdir)
+
+
+def test_nonfinite_steps_are_skipped_and_counted():
+  cfg = tiny_config(**{"model.likelihood": "logistic"})
+  model = build_model(cfg.model, (8, 8, 1))
+  opt = train_lib.make_optimizer(cfg.train)
+  images = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 1)).astype(np.float32)
+  state = train_lib.init_state(model, opt, images, 0, likelihood="logistic", max_value=255)
+  step = jax.jit(train_lib.make_train_step(model, opt, likelihood="logistic", max_value=255, free_bits=0.0,
+                                           ema_decay=0.99))
+  good, _ = step(state, jnp.asarray(images))
+  bad_images = images.copy()
+  bad_images[3, 2, 2, 0] = np.nan
+  bad, metrics = step(good, jnp.asarray(bad_images))
+  assert float(metrics["finite"]) == 0.0
+  assert int(bad.num_nonfinite) == 1 and int(bad.consecutive_nonfinite) == 1 and int(bad.step) == 2
+  for x, y in zip(jax.tree_util.tree_leaves((good.params, good.ema_params, good.opt_state)),
+                  jax.tree_util.tree_leaves((bad.params, bad.ema_params, bad.opt_state))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # nothing applied
+  again, _ = step(bad, jnp.asarray(images))
+  assert int(again.consecutive_nonfinite) == 0 and int(again.num_nonfinite) == 1
+  assert not np.array_equal(np.asarray(jax.tree_util.tree_leaves(again.params)[0]),
+                            np.asarray(jax.tree_util.tree_leaves(bad.params)[0]))
+
+
+def test_training_lowers_the_loss(tmp_path):
+  workdir = str(tmp_path / "run")
+  train_lib.train_and_evaluate(tiny_config(**{"train.num_steps": 120, "train.log_every": 20,
+                                              "train.eval_every": 0, "train.checkpoint_every": 120}), workdir)
+  recs = [r["neg_elbo"] for r in _records(workdir) if "neg_elbo" in r]
+  assert recs[-1] < 0.8 * recs[0], recs
+
+
+def test_evaluate_is_bound_and_json(trained):
+  workdir, _ = trained
+  r = eval_lib.evaluate(workdir, num_samples=16, split="test", checkpoint="latest", max_examples=40, progress=False)
+  assert r["num_examples"] == 40 and r["num_samples"] == 16 and r["checkpoint_step"] == 12
+  # log p(x) >= ELBO per example in expectation: the IS estimate of the mean NLL is below the mean -ELBO.
+  assert r["nll_nats"] <= r["neg_elbo_nats"] and r["gap_nats"] >= 0
+  assert r["bits_per_dim_nll"] == pytest.approx(r["nll_nats"] / (64 * np.log(2)))
+  saved = json.load(open(os.path.join(workdir, "eval_test_latest_K16.json")))
+  for key in ("neg_elbo_nats", "nll_nats", "gap_nats", "bits_per_dim_elbo", "bits_per_dim_nll", "num_examples",
+              "num_samples", "checkpoint_step"):
+    assert saved[key] == r[key]
+
+
+def test_evaluate_is_estimate_grows_with_k(trained):
+  """E[log p_K] increases with K (Burda et al.): K=64 above K=1 on the same examples."""
+  workdir, _ = trained
+  r1 = eval_lib.evaluate(workdir, num_samples=1, max_examples=64, progress=False)
+  r64 = eval_lib.evaluate(workdir, num_samples=64, max_examples=64, progress=False)
+  assert r64["nll_nats"] < r1["nll_nats"]
+  assert r1["gap_nats"] == pytest.approx(0.0, abs=1e-4)  # with K=1 the estimate is the ELBO itself
+
+
+def test_load_trained_api(trained):
+  workdir, _ = trained
+  m = api.load_trained(workdir)
+  images = np.random.default_rng(1).integers(0, 17, (5, 8, 8, 1)).astype(np.uint8)
+  x = m.inputs(jax.random.PRNGKey(0), images)
+  assert set(np.unique(np.asarray(x))) <= {0.0, 1.0}
+  z, log_q = m.posterior_sample(x, jax.random.PRNGKey(1))
+  assert z.shape == (5, 4) and log_q.shape == (5,)
+  ll, lp = m.log_likelihood(x, z), m.log_prior(z)
+  assert ll.shape == lp.shape == (5,) and bool(jnp.all(ll <= 0))
+  np.testing.assert_allclose(lp, -0.5 * jnp.sum(z ** 2 + jnp.log(2 * jnp.pi), axis=-1), rtol=1e-5)
+  log_px = m.log_px(x, jax.random.PRNGKey(2), num_samples=32)
+  assert log_px.shape == (5,) and bool(jnp.all(log_px <= 0))
+  s = m.sample(jax.random.PRNGKey(3), 7)
+  assert s.shape == (7, 8, 8, 1) and float(s.min()) >= 0 and float(s.max()) <= 1
+  assert m.reconstruct(x, jax.random.PRNGKey(4)).shape == (5, 8, 8, 1)
+
+
+def test_evaluate_empty_workdir_is_a_clear_error(tmp_path):
+  with pytest.raises(config_lib.ConfigError, match="no config.json"):
+    eval_lib.evaluate(str(tmp_path))
+
+
+def test_bad_config_values_are_rejected(tmp_path):
+  for field, value, match in [("model.iaf_width", -3, "iaf_width"), ("train.free_bits", -0.1, "free_bits"),
+                              ("eval.num_samples", 0, "num_samples"), ("model.likelihood", "gauss", "likelihood")]:
+    with pytest.raises(config_lib.ConfigError, match=match):
+      train_lib.train_and_evaluate(tiny_config(**{field: value}), str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def test_unwritable_workdir_fails_before_training(tmp_path):
+  target = tmp_path / "file"
+  target.write_text("not a directory")
+  with pytest.raises(checkpoints.CheckpointError, match="not writable"):
+    train_lib.train_and_evaluate(tiny_config(), str(target / "run"))
