@@ -28,3 +28,25 @@ def run(main: Callable[[], object], show_traceback: bool) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 3
   return 0
+
+
+def _parse_flags(argv):
+  """absl flag parsing with every failure as one line: ml_collections puts a whole traceback inside its
+  flag errors, and raises AttributeError/KeyError for an override that names no config field."""
+  from absl import flags
+
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    print(f"error: {lines[-1] if lines else e}", file=sys.stderr)
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    print(f"error: bad --config override: {str(e).strip(chr(34) + chr(39))} is not a config field or value",
+          file=sys.stderr)
+  sys.exit(2)
+
+
+def run_app(main: Callable) -> None:
+  from absl import app
+
+  app.run(main, flags_parser=_parse_flags)

@@ -17,6 +17,9 @@ from absl.testing import parameterized
 from iaf_jax import flows
 from iaf_jax.flows import MADE, IAFFlow, IAFStep, PixelCNNNetwork
 
+# One xdist worker for the whole module: its tests share shapes, eager-op and jit caches (see conftest.py).
+pytestmark = pytest.mark.xdist_group("flows")
+
 KEY = jax.random.PRNGKey(0)
 
 # Shared tiny shapes. MADE: z [B, k], context [B, c]; PixelCNN: z [B, H, W, C], context map [B, H, W, c].

@@ -21,8 +21,9 @@ Architecture facts follow the IAF paper's public code ([H]: ../../shared/referen
 
 Rungs are indexed in bottom-up order: rung r = level * num_blocks + block, so rung 0 is the one nearest the
 data and rung R-1 the top one. Every list of latents (`zs`) and every column block of `kl_per_group` uses that
-order. The random key is an explicit argument (no flax rng collections); rung r draws its noise from
-`jax.random.fold_in(key, r)`, so a batch of n*B draws all rungs jointly per example.
+order. The random key is an explicit argument (no flax rng collections): one standard-normal draw of shape
+[batch, total latent size] is split into the rungs' noise maps, so every example (and each of the n*B rows of
+`log_weights`) has all of its rungs sampled jointly.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from iaf_jax import distributions as dist
 from iaf_jax.flows import IAFStep
@@ -132,12 +134,12 @@ class Rung(nn.Module):
       return z, jnp.zeros(z.shape[:1], z.dtype)
     return self.iaf_step(z, context)
 
-  def down(self, x: jax.Array, key: Optional[jax.Array], up: Any = None, z_fixed: Optional[jax.Array] = None):
-    """Top-down half. Three modes:
+  def down(self, x: jax.Array, eps: Optional[jax.Array], up: Any = None, z_fixed: Optional[jax.Array] = None):
+    """Top-down half; eps is standard normal noise of the latent map's shape. Three modes:
 
-    up given (posterior): z0 ~ q, z = IAF(z0), returns log q(z) [B];
+    up given (posterior): z0 = q's mean + q's std * eps, z = IAF(z0), returns log q(z) [B];
     z_fixed given: z = z_fixed (a latent of this rung, after any IAF), log q is None;
-    neither (prior): z ~ p, log q is None.
+    neither (prior): z = p's mean + p's std * eps, log q is None.
     Returns (output, z, log_q, log_p [B], kl_map) with kl_map = log q - log p per channel, [B, z_size] (posterior
     mode only, else None).
     """
@@ -149,11 +151,11 @@ class Rung(nn.Module):
     if z_fixed is not None:
       z = z_fixed
     elif up is None:
-      z = dist.diag_gaussian_sample(key, pz_mean, pz_logsd)
+      z = pz_mean + jnp.exp(pz_logsd) * eps
     else:
       qz_mean, qz_logsd, up_context = up
       post_mean, post_logsd = rz_mean + qz_mean, rz_logsd + qz_logsd
-      z0 = dist.diag_gaussian_sample(key, post_mean, post_logsd)
+      z0 = post_mean + jnp.exp(post_logsd) * eps
       log_q_el = _gaussian_log_density(z0, post_mean, post_logsd)
       z, log_det = self.flow(z0, up_context + down_context)
       log_q = jnp.sum(log_q_el, axis=(1, 2, 3)) - log_det
@@ -281,13 +283,19 @@ class ResNetVAE(nn.Module):
       raise ValueError(f"ResNetVAE: expected {self.num_rungs} latent maps (one per rung), got {len(zs)}")
     if zs is None and key is None:
       raise ValueError("ResNetVAE.top_down: a key is needed to sample latents")
-    top_h, top_w, _ = self.latent_shapes()[-1]
+    shapes = self.latent_shapes()
+    top_h, top_w, _ = shapes[-1]
     h = jnp.broadcast_to(self.h_top, (batch, top_h, top_w, self.h_size))
     n = self.num_rungs
+    eps = [None] * n
+    if zs is None:
+      # One draw for all rungs (one random-bits op to compile, not one per rung), split into the rungs' maps.
+      sizes = [int(np.prod(s)) for s in shapes]
+      flat = jax.random.normal(key, (batch, sum(sizes)), jnp.float32)
+      eps = [a.reshape(batch, *s) for a, s in zip(jnp.split(flat, np.cumsum(sizes)[:-1], axis=1), shapes)]
     out_z, out_q, out_p, out_kl = [None] * n, [None] * n, [None] * n, [None] * n
     for r in reversed(range(n)):
-      rkey = None if key is None else jax.random.fold_in(key, r)
-      h, z, log_q, log_p, kl_c = self.rungs[r].down(h, rkey, up=None if ups is None else ups[r],
+      h, z, log_q, log_p, kl_c = self.rungs[r].down(h, eps[r], up=None if ups is None else ups[r],
                                                   z_fixed=None if zs is None else zs[r])
       out_z[r], out_q[r], out_p[r], out_kl[r] = z, log_q, log_p, kl_c
     return h, out_z, out_q, out_p, out_kl

@@ -1,0 +1,358 @@
+"""Tests of the bidirectional-inference ResNet VAE (iaf_jax/models/resnet_vae.py) and configs/cifar10.py.
+
+Models are tiny (h_size 8, z_size 4, 8x8 images) so that the XLA compiles, which dominate the time on CPU,
+stay short. Keys for the tiny models are 'rbg' keys (one random-bits op to compile instead of the threefry
+expansion); one test runs the model with the classic uint32 PRNGKey too.
+"""
+import importlib.util
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from iaf_jax import objectives
+from iaf_jax.models import build_model
+from iaf_jax.models.resnet_vae import ResNetVAE, build_resnet_vae
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def rkey(seed):
+  return jax.random.key(seed, impl="rbg")
+
+
+def structured_images(n, hw=8, c=3, seed=0):
+  """uint8-valued float images with structure: per-image colour ramps plus stripes, a little noise."""
+  rng = np.random.RandomState(seed)
+  yy, xx = np.meshgrid(np.arange(hw), np.arange(hw), indexing="ij")
+  imgs = []
+  for i in range(n):
+    colour = rng.uniform(0.2, 1.0, size=c)
+    ramp = (xx if i % 2 else yy) / (hw - 1)
+    stripes = ((xx + yy + i) % 3 == 0).astype(float)
+    img = 255 * (0.6 * ramp[..., None] * colour + 0.3 * stripes[..., None])
+    imgs.append(img + rng.randint(-4, 5, size=img.shape))
+  return jnp.asarray(np.clip(np.round(np.stack(imgs)), 0, 255), jnp.float32)
+
+
+TINY = dict(image_shape=(8, 8, 3), h_size=8, z_size=4, depth=2, num_blocks=1, iaf=True)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  model = ResNetVAE(**TINY)
+  x = structured_images(4)
+  params = jax.jit(model.init)(rkey(0), x, rkey(1))
+  return model, params, x
+
+
+def elbo_of(out):
+  return objectives.elbo(out["log_px_given_z"], out["log_pz"], out["log_qz"])
+
+
+# ----------------------------------------------------------------------------- shapes and validation
+
+
+@pytest.mark.parametrize("depth,num_blocks,hw", [(2, 2, 16), (2, 4, 16), (1, 20, 8)])
+def test_output_shapes(depth, num_blocks, hw):
+  model = ResNetVAE(image_shape=(hw, hw, 3), h_size=8, z_size=4, depth=depth, num_blocks=num_blocks)
+  batch = 3
+  x = jax.ShapeDtypeStruct((batch, hw, hw, 3), jnp.float32)
+  params = jax.eval_shape(model.init, rkey(0), x, rkey(1))
+  rungs = depth * num_blocks
+  assert model.num_rungs == rungs
+  assert sum(k.startswith("rungs_") for k in params["params"]) == rungs
+  out = jax.eval_shape(model.apply, params, x, rkey(2))
+  for k in ("log_px_given_z", "log_pz", "log_qz"):
+    assert out[k].shape == (batch,)
+  assert out["kl_per_group"].shape == (batch, rungs)
+  lw = jax.eval_shape(lambda p, x, k: model.apply(p, x, k, 5, method=ResNetVAE.log_weights), params, x, rkey(2))
+  assert lw.shape == (5, batch)
+  zs, log_q = jax.eval_shape(lambda p, x, k: model.apply(p, x, k, method=ResNetVAE.posterior_sample),
+                             params, x, rkey(2))
+  assert log_q.shape == (batch,)
+  # Input conv strides 2; each level after the first halves the map again.
+  expected = [(hw // 2 // 2 ** i, hw // 2 // 2 ** i, 4) for i in range(depth) for _ in range(num_blocks)]
+  assert [tuple(z.shape[1:]) for z in zs] == expected == model.latent_shapes()
+  s = jax.eval_shape(lambda p, k: model.apply(p, k, 7, method=ResNetVAE.sample), params, rkey(3))
+  assert s.shape == (7, hw, hw, 3)
+
+
+def test_invalid_settings_raise():
+  cfg = dict(h_size=12, z_size=8, depth=2, num_blocks=2, iaf=True)
+  with pytest.raises(ValueError, match="multiple of z_size"):
+    build_resnet_vae(cfg, (8, 8, 3))
+  with pytest.raises(ValueError, match="multiple of z_size"):
+    jax.eval_shape(ResNetVAE(image_shape=(8, 8, 3), **cfg).init, rkey(0),
+                   jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32), rkey(1))
+  build_resnet_vae(dict(cfg, iaf=False), (8, 8, 3))  # Gaussian rungs have no masks: any widths
+  with pytest.raises(ValueError, match="divisible"):
+    build_resnet_vae(dict(cfg, h_size=16), (10, 10, 3))  # 10 / (2 * 2) is not whole
+  with pytest.raises(ValueError, match="likelihood"):
+    build_resnet_vae(dict(cfg, h_size=16, likelihood="gaussian"), (8, 8, 3))
+
+
+# ----------------------------------------------------------------------------- the IAF inside a rung
+
+
+@pytest.mark.parametrize("rung", [0, 1])  # rung 1 is the downsampling one (4x4 -> 2x2 latent maps)
+def test_rung_iaf_jacobian_is_triangular_and_logdet_matches(tiny, rung):
+  model, params, _ = tiny
+  h, w, c = model.latent_shapes()[rung]
+  kz, kc = jax.random.split(jax.random.PRNGKey(rung))
+  z = jax.random.normal(kz, (1, h, w, c))
+  ctx = jax.random.normal(kc, (1, h, w, model.h_size))
+
+  def flat_flow(zf):
+    zn, log_det = model.apply(params, rung, zf.reshape(1, h, w, c), ctx, method=ResNetVAE.rung_flow)
+    return zn.reshape(-1), log_det[0]
+
+  jac, log_det = jax.jit(lambda zf: (jax.jacfwd(lambda a: flat_flow(a)[0])(zf), flat_flow(zf)[1]))(z.reshape(-1))
+  jac = np.asarray(jac, np.float64)
+  d = h * w * c
+  assert jac.shape == (d, d)
+  # Raster order over pixels, channel order within a pixel (a C-order flatten of [h, w, c]): output i may
+  # depend on inputs j <= i only.
+  assert np.all(jac[np.triu_indices(d, k=1)] == 0.0)
+  assert np.abs(jac[np.tril_indices(d, k=-1)]).max() > 1e-4  # the flow is not merely elementwise
+  assert np.all(np.diag(jac) > 0)
+  sign, logabsdet = np.linalg.slogdet(jac)
+  assert sign == 1.0
+  np.testing.assert_allclose(float(log_det), logabsdet, rtol=1e-5, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- ELBO terms, free bits
+
+
+def test_terms_consistent_across_protocol_methods(tiny):
+  model, params, x = tiny
+
+  def run(p, x, k):
+    out = model.apply(p, x, k)
+    zs, log_q = model.apply(p, x, k, method=ResNetVAE.posterior_sample)
+    log_px = model.apply(p, x, zs, method=ResNetVAE.log_likelihood)
+    log_pz = model.apply(p, zs, method=ResNetVAE.log_prior)
+    return out, (log_px, log_pz, log_q)
+
+  out, (log_px, log_pz, log_q) = jax.jit(run)(params, x, rkey(5))
+  assert out["kl_per_group"].shape == (4, model.num_rungs)
+  for v in out.values():
+    assert np.all(np.isfinite(v))
+  np.testing.assert_allclose(out["kl_per_group"].sum(axis=1), out["log_qz"] - out["log_pz"], rtol=1e-5, atol=1e-3)
+  # The same key gives the same latents: the pieces reproduce __call__'s terms.
+  np.testing.assert_allclose(log_px, out["log_px_given_z"], rtol=1e-5, atol=1e-3)
+  np.testing.assert_allclose(log_pz, out["log_pz"], rtol=1e-5, atol=1e-3)
+  np.testing.assert_allclose(log_q, out["log_qz"], rtol=1e-5, atol=1e-3)
+  # A fresh key gives different latents.
+  out2, _ = jax.jit(run)(params, x, rkey(6))
+  assert not np.allclose(out2["log_qz"], out["log_qz"])
+
+
+def test_free_bits_per_rung(tiny):
+  model, params, x = tiny
+  key = rkey(7)
+
+  def mean_kl(p):
+    return jnp.mean(model.apply(p, x, key)["kl_per_group"], axis=0)  # [rungs]
+
+  @jax.jit
+  def grads(p, lam):
+    kl = mean_kl(p)
+    active = jax.lax.stop_gradient(kl) >= lam
+    g_fb = jax.grad(lambda q: objectives.free_bits_kl(model.apply(q, x, key)["kl_per_group"], lam))(p)
+    g_active = jax.grad(lambda q: jnp.sum(jnp.where(active, mean_kl(q), 0.0)))(p)
+    return kl, g_fb, g_active
+
+  kl, _, _ = grads(params, 0.0)
+  kl = np.asarray(kl)
+  assert kl.shape == (model.num_rungs,) and np.all(kl > 0)
+  lam = float(kl.mean())  # with 2 rungs of different KL, one is below lambda and one above
+  assert kl.min() < lam < kl.max()
+  terms = model.apply(params, x, key)
+  np.testing.assert_allclose(objectives.free_bits_kl(terms["kl_per_group"], lam), np.maximum(lam, kl).sum(),
+                             rtol=1e-5)
+  _, g_fb, g_active = grads(params, lam)
+  leaves_fb, leaves_active = jax.tree_util.tree_leaves(g_fb), jax.tree_util.tree_leaves(g_active)
+  for a, b in zip(leaves_fb, leaves_active):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert max(float(jnp.abs(a).max()) for a in leaves_fb) > 0
+  # With lambda above every rung's mean KL, the KL term has no gradient at all.
+  _, g_none, _ = grads(params, float(kl.max()) + 1.0)
+  assert all(float(jnp.abs(a).max()) == 0.0 for a in jax.tree_util.tree_leaves(g_none))
+
+
+# ----------------------------------------------------------------------------- importance sampling
+
+
+def test_log_weights_match_elbo_and_bound(tiny):
+  model, params, x = tiny
+  n, b = 64, x.shape[0]
+  tile = lambda a: jnp.broadcast_to(a, (n,) + a.shape).reshape(-1, *a.shape[1:])
+  lw_fn = jax.jit(lambda p, x, k: model.apply(p, x, k, n, method=ResNetVAE.log_weights))
+  elbo_fn = jax.jit(lambda p, x, k: elbo_of(model.apply(p, tile(x), k)).reshape(n, b))
+  lw = np.asarray(lw_fn(params, x, rkey(11)), np.float64)
+  assert lw.shape == (n, b) and np.all(np.isfinite(lw))
+  # Same key: the K samples are exactly the single-sample ELBOs of the K-times tiled batch (the bottom-up
+  # pass is shared, all rungs are sampled jointly per sample).
+  np.testing.assert_allclose(lw, elbo_fn(params, x, rkey(11)), rtol=1e-4, atol=1e-2)
+  assert np.all(lw.std(axis=0) > 0)
+  # Fresh keys: the mean log weight and the mean ELBO estimate the same number.
+  elbos = np.concatenate([np.asarray(elbo_fn(params, x, rkey(100 + i))) for i in range(4)])
+  diff = lw.mean(axis=0) - elbos.mean(axis=0)
+  se = np.sqrt(lw.var(axis=0) / n + elbos.var(axis=0) / len(elbos))
+  assert np.all(np.abs(diff) < 5 * se + 1e-3), (diff, se)
+  # The importance-sampled estimate bounds the ELBO from above (Jensen), for these samples and on average.
+  is_est = jax.nn.logsumexp(lw, axis=0) - math.log(n)
+  assert np.all(is_est >= lw.mean(axis=0))
+  assert np.all(is_est >= elbos.mean(axis=0) - 5 * se)
+
+
+# ----------------------------------------------------------------------------- the likelihood
+
+
+def test_uniform_model_is_8_bits_per_dim():
+  d = 8 * 8 * 3
+  assert objectives.nats_to_bits_per_dim(d * math.log(256), d) == pytest.approx(8.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("decoder", ["shared", "per_subpixel", "mixture", "bernoulli"])
+def test_decoder_likelihood_normalises(decoder):
+  kw = dict(image_shape=(1, 1, 1), h_size=4, z_size=2, depth=1, num_blocks=1, input_stride=1, iaf=False)
+  if decoder == "per_subpixel":
+    kw["shared_log_scale"] = False
+  elif decoder == "mixture":
+    kw["mixture_components"] = 3
+  elif decoder == "bernoulli":
+    kw["likelihood"] = "bernoulli"
+  model = ResNetVAE(**kw)
+  values = 2 if decoder == "bernoulli" else 256
+  x_init = jnp.asarray(np.random.RandomState(0).randint(0, values, (4, 1, 1, 1)), jnp.float32)
+  params = jax.jit(model.init)(rkey(0), x_init, rkey(1))
+  if decoder == "shared":  # a sharp logistic, so the test is not trivially flat
+    params = jax.tree_util.tree_map(lambda a: a, params)
+    params["params"]["dec_log_stdv"] = jnp.asarray(-4.0)
+  x_all = jnp.arange(values, dtype=jnp.float32).reshape(values, 1, 1, 1)
+
+  def log_probs(p, h):
+    h = jnp.broadcast_to(h, (values, 1, 1, model.h_size))  # one decoder output, scored at every value
+    return model.apply(p, x_all, h, method=lambda m, x, h: m._log_px(x, m.decode(h)))
+
+  for seed in range(3):
+    h = 3.0 * jax.random.normal(jax.random.PRNGKey(seed), (1, 1, 1, model.h_size))
+    lp = jax.jit(log_probs)(params, h)
+    assert lp.shape == (values,)
+    np.testing.assert_allclose(float(jax.nn.logsumexp(lp)), 0.0, atol=1e-4)
+    if decoder != "bernoulli":
+      assert float(jnp.max(lp)) > math.log(2.0 / 256)  # mass is concentrated, not uniform
+
+
+# ----------------------------------------------------------------------------- training, sampling
+
+
+def test_tiny_model_overfits_a_few_images():
+  model = ResNetVAE(**TINY)
+  x = structured_images(8, seed=1)
+  d = int(np.prod(x.shape[1:]))
+  params = jax.jit(model.init)(rkey(0), x, rkey(1))
+  opt = optax.adamax(0.01)
+  state = opt.init(params)
+
+  def loss_fn(p, k):
+    return -jnp.mean(elbo_of(model.apply(p, x, k)))
+
+  @jax.jit
+  def step(p, s, k):
+    loss, g = jax.value_and_grad(loss_fn)(p, k)
+    updates, s = opt.update(g, s, p)
+    return optax.apply_updates(p, updates), s, loss
+
+  losses = []
+  for i in range(250):
+    params, state, loss = step(params, state, rkey(1000 + i))
+    losses.append(float(loss))
+  bpd = [objectives.nats_to_bits_per_dim(l, d) for l in losses]
+  assert np.all(np.isfinite(bpd))
+  initial, final = np.mean(bpd[:5]), np.mean(bpd[-10:])
+  assert final < 0.7 * initial, (initial, final)
+
+
+def test_sample_and_reconstruct(tiny):
+  model, params, x = tiny
+  sample = jax.jit(lambda p, k: model.apply(p, k, 6, method=ResNetVAE.sample))
+  a, b, c = sample(params, rkey(3)), sample(params, rkey(3)), sample(params, rkey(4))
+  assert a.shape == (6, 8, 8, 3)
+  assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, c)
+  # The classic uint32 key works as well.
+  rec = model.apply(params, x, jax.random.PRNGKey(0), method=ResNetVAE.reconstruct)
+  assert rec.shape == x.shape and float(rec.min()) >= 0.0 and float(rec.max()) <= 1.0
+
+
+# ----------------------------------------------------------------------------- configs/cifar10.py
+
+
+def load_config_module(name):
+  """Loads a config file by path, as ml_collections' config_flags does (no package import)."""
+  path = os.path.join(REPO, "configs", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"_test_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def flat_keys(cfg, prefix=""):
+  keys = set()
+  for k, v in cfg.items():
+    if hasattr(v, "items"):
+      keys |= flat_keys(v, f"{prefix}{k}.")
+    else:
+      keys.add(f"{prefix}{k}")
+  return keys
+
+
+EXPECTED_RUNGS = {"rungs4_gauss": 4, "rungs4_iaf": 4, "rungs8_gauss": 8, "rungs8_iaf": 8, "rungs20_gauss": 20,
+                  "rungs20_iaf": 20}
+BASELINE_NAMES = ("baseline_diag", "baseline_iaf_d2_w320", "baseline_iaf_d2_w1920", "baseline_iaf_d4_w1920",
+                  "baseline_iaf_d8_w1920")
+
+
+def test_cifar10_configs():
+  cifar, mnist = load_config_module("cifar10"), load_config_module("mnist")
+  assert set(cifar.NAMES) == set(BASELINE_NAMES) | set(EXPECTED_RUNGS)
+  structure = flat_keys(cifar.get_config(cifar.NAMES[0]))
+  assert flat_keys(mnist.base_config()) <= structure
+  for name in cifar.NAMES:
+    cfg = cifar.get_config(name)
+    assert cfg.name == name and cfg.data.name == "cifar10" and cfg.data.validation_size == 5000
+    assert cfg.model.likelihood == "logistic" and cfg.eval.num_samples == 128
+    assert flat_keys(cfg) == structure, name
+    model = build_model(cfg.model, (32, 32, 3))
+    if name in BASELINE_NAMES:
+      assert cfg.model.kind == "mnist_vae" and type(model).__name__ == "MnistVAE"
+      depth, width, _ = mnist.ROWS[name[len("baseline_"):]]
+      assert (model.iaf_depth, model.iaf_width) == (depth, width)
+    else:
+      assert cfg.model.kind == "resnet_vae" and isinstance(model, ResNetVAE)
+      assert model.num_rungs == EXPECTED_RUNGS[name]
+      assert model.iaf == name.endswith("_iaf")
+      assert (model.h_size, model.z_size, model.input_stride) == (160, 32, 2)
+      assert cfg.train.free_bits == 0.25 and cfg.train.batch_size == 128 and cfg.train.ema_decay == 0.999
+  with pytest.raises(ValueError, match="rungs4_iaf"):
+    cifar.get_config("rungs5_iaf")
+
+
+def test_cifar10_resnet_builds_at_full_size():
+  cifar = load_config_module("cifar10")
+  cfg = cifar.get_config("rungs4_iaf")
+  model = build_model(cfg.model, (32, 32, 3))
+  x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+  params = jax.eval_shape(model.init, rkey(0), x, rkey(1))
+  out = jax.eval_shape(model.apply, params, x, rkey(2))
+  assert out["kl_per_group"].shape == (2, 4)
+  assert model.latent_shapes() == [(16, 16, 32)] * 2 + [(8, 8, 32)] * 2
+  assert params["params"]["dec_log_stdv"].shape == ()
