@@ -54,10 +54,10 @@ def _discretized_logistic_log_probs(x_int: jax.Array, mean: jax.Array, log_scale
   # = log sigmoid(plus) + log(1 - exp(minus - plus)) + log sigmoid(-minus)
   delta = jnp.minimum(minus - plus, -1e-30)  # = -inv_s / 256 < 0; kept < 0 so the log stays finite
   log_mid = log_cdf_plus + jnp.log(-jnp.expm1(delta)) - jax.nn.softplus(minus)
-  # Where the bin mass underflows even so (far tails, tiny scale), fall back to density * bin width.
+  # Only if inv_s itself overflows (log_scale < -88) is that not finite: then use density * bin width.
   mid_in = inv_s * centred
   log_pdf_mid = mid_in - log_scale - 2.0 * jax.nn.softplus(mid_in) - math.log(NUM_BINS)
-  log_mid = jnp.where(jnp.isfinite(log_mid) & (log_mid > -80.0), log_mid, log_pdf_mid)
+  log_mid = jnp.where(jnp.isfinite(log_mid), log_mid, log_pdf_mid)
   return jnp.where(x_int <= 0, log_cdf_plus, jnp.where(x_int >= NUM_BINS - 1, log_one_minus_cdf_minus, log_mid))
 
 

@@ -1,7 +1,5 @@
 """Tests of iaf_jax.distributions against scipy and exact float64 references."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np

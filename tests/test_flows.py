@@ -17,9 +17,6 @@ from absl.testing import parameterized
 from iaf_jax import flows
 from iaf_jax.flows import MADE, IAFFlow, IAFStep, PixelCNNNetwork
 
-# One xdist worker for the whole module: its tests share shapes, eager-op and jit caches (see conftest.py).
-pytestmark = pytest.mark.xdist_group("flows")
-
 KEY = jax.random.PRNGKey(0)
 
 # Shared tiny shapes. MADE: z [B, k], context [B, c]; PixelCNN: z [B, H, W, C], context map [B, H, W, c].
@@ -193,6 +190,19 @@ def test_pixelcnn_context_map_stays_aligned_with_z(reverse):
           assert np.all(np.abs(block).sum(axis=1) > 0), (p, q)
         else:
           assert not block.any(), f"output pixel {p} sees context pixel {q}"
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("kind", ["made", "pixelcnn"])
+def test_step_without_hidden_layers(kind, reverse):
+  """hidden=(): a single masked layer (MADE output mask / PixelCNN type A) is still autoregressive."""
+  step = IAFStep(kind=kind, hidden=(), reverse=reverse, kernel_size=3)
+  z, h = inputs(kind, seed=8)
+  params = random_params(step, z, h, seed=9)
+  jac, (_, log_det) = jac_and_output(step, params, z, h)
+  blocks = per_example_blocks(jac, B, int(np.prod(z.shape[1:])))
+  assert_triangular(blocks, reverse)
+  np.testing.assert_allclose(log_det, slogdet_per_example(blocks)[1], rtol=1e-4, atol=1e-4)
 
 
 def test_unknown_network_kind_raises():

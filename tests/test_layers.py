@@ -48,7 +48,6 @@ INIT_CASES = [
     ("dense_masked", lambda s: MaskedDense(8, mask=made_mask(), init_scale=s), dense_input, 0.1),
     ("dense_plain", lambda s: MaskedDense(5, init_scale=s), dense_input, 1.0),
     ("conv_masked", lambda s: MaskedConv2D(4, 3, mask=conv_mask(), init_scale=s), conv_input, 1.0),
-    ("conv_strided", lambda s: MaskedConv2D(3, 3, strides=2, init_scale=s), conv_input, 0.5),
     ("conv_transpose", lambda s: ConvTranspose2D(3, 3, strides=2, init_scale=s), conv_input, 0.5),
 ]
 

@@ -7,7 +7,6 @@ the product of the binary masks has a positive entry.
 import itertools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -51,7 +50,7 @@ MADE_CASES = [
 # ----------------------------------------------------------------------------- MADE: connectivity
 
 
-@pytest.mark.parametrize("seed", [0, 1, 7])
+@pytest.mark.parametrize("seed", [0, 7])
 @pytest.mark.parametrize("k,hidden,hidden_degrees,num_context,r", MADE_CASES)
 def test_made_masks_shapes_and_autoregressive_connectivity(k, hidden, hidden_degrees, num_context, r, seed):
   masks = masks_lib.made_masks(k, hidden, num_context=num_context, num_outputs_per_latent=r,
@@ -95,6 +94,9 @@ def test_made_context_feeds_every_first_layer_unit(k, hidden, hidden_degrees, nu
                                hidden_degrees=hidden_degrees, seed=3)
   assert masks[0].shape[0] == k + num_context
   assert np.all(masks[0][k:] == 1.0)
+  if hidden_degrees == "sequential":
+    # sequential degrees start at -1 in every layer, so the context reaches every output (any widths)
+    assert connectivity(masks)[k:].all()
 
 
 @pytest.mark.parametrize("k,hidden_sizes", [(1, (4,)), (2, (5, 3)), (4, (4, 8)), (7, (13,)), (8, (16, 16))])
@@ -250,7 +252,7 @@ def _conv_jacobian(mask, kernel_size, in_ch, num_context, out_ch, seed):
 PIX_CASES = [(ks, t, cin, cout, g)
              for ks in (1, 3, 5)
              for t in ("A", "B")
-             for (cin, cout, g) in ((1, 1, 1), (2, 4, 2), (3, 6, 3), (4, 2, 1), (2, 2, 2))]
+             for (cin, cout, g) in ((2, 4, 2), (3, 3, 3), (4, 2, 1))]
 
 
 @pytest.mark.parametrize("kernel_size,mask_type,in_ch,out_ch,groups", PIX_CASES)
