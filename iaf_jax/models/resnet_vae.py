@@ -140,8 +140,8 @@ class Rung(nn.Module):
     up given (posterior): z0 = q's mean + q's std * eps, z = IAF(z0), returns log q(z) [B];
     z_fixed given: z = z_fixed (a latent of this rung, after any IAF), log q is None;
     neither (prior): z = p's mean + p's std * eps, log q is None.
-    Returns (output, z, log_q, log_p [B], kl_map) with kl_map = log q - log p per channel, [B, z_size] (posterior
-    mode only, else None).
+    Returns (output, z, log_q, log_p [B], kl_channels) with kl_channels = log q - log p per latent channel,
+    [B, z_size] (posterior mode only, else None).
     """
     z_size, h = self.z_size, self.h_size
     t = self.down_conv1(nn.elu(x))
@@ -205,7 +205,10 @@ class ResNetVAE(nn.Module):
   input_stride: int = 2
   shared_log_scale: bool = True
   mixture_components: int = 0
-  kl_groups: str = "rung"  # 'rung': one kl_per_group column per rung; 'channel': one per latent channel of a rung
+  # kl_per_group columns: 'rung' = one per rung ([R] Eq. 14); 'channel' = one per latent channel of each rung
+  # (openai/iaf tf_train.py's free-bits groups), rung-major. With IAF, a rung's log-det (IAFStep returns only
+  # its total) is shared equally among the rung's channels; rows still sum exactly to log_qz - log_pz.
+  kl_groups: str = "rung"
   weight_norm: bool = True
 
   @property
