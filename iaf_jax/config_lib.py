@@ -39,6 +39,14 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
           "needs one entry per entry of model.strides")
     _need(all(ch >= 1 for ch in m.channels), "model.channels", m.channels, "widths must be >= 1")
     _need(all(s in (1, 2) for s in m.strides), "model.strides", m.strides, "strides must be 1 or 2")
+  if m.kind == "resnet_vae":
+    from iaf_jax.models.resnet_vae import validate_resnet_vae  # its own checks, as one-line ConfigErrors
+    try:
+      validate_resnet_vae(None, h_size=m.h_size, z_size=m.z_size, depth=m.depth, num_blocks=m.num_blocks,
+                          iaf=m.iaf, likelihood=m.likelihood, input_stride=m.input_stride,
+                          mixture_components=m.mixture_components, kl_groups=m.kl_groups)
+    except ValueError as err:
+      raise ConfigError(f"config.model: {err}") from None
   _need(t.optimizer in ("adamax", "adam"), "train.optimizer", t.optimizer, "must be 'adamax' or 'adam'")
   _need(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "must be > 0")
   _need(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")

@@ -54,8 +54,9 @@ KL_GROUPS = ("rung", "channel")
 def validate_resnet_vae(image_shape: Sequence[int], *, h_size: int, z_size: int, depth: int, num_blocks: int,
                         iaf: bool, likelihood: str, input_stride: int, mixture_components: int,
                         kl_groups: str = "rung") -> None:
-  """Raises ValueError with a clear message when the settings cannot build a ResNet VAE."""
-  if len(tuple(image_shape)) != 3:
+  """Raises ValueError with a clear message when the settings cannot build a ResNet VAE (image_shape None:
+  only the settings, before the data is loaded)."""
+  if image_shape is not None and len(tuple(image_shape)) != 3:
     raise ValueError(f"ResNetVAE: image_shape must be (H, W, C), got {tuple(image_shape)}")
   if h_size < 1 or z_size < 1:
     raise ValueError(f"ResNetVAE: h_size and z_size must be >= 1, got h_size={h_size}, z_size={z_size}")
@@ -75,6 +76,8 @@ def validate_resnet_vae(image_shape: Sequence[int], *, h_size: int, z_size: int,
     raise ValueError("ResNetVAE: mixture_components > 0 needs likelihood='logistic'")
   if kl_groups not in KL_GROUPS:
     raise ValueError(f"ResNetVAE: kl_groups must be one of {KL_GROUPS}, got {kl_groups!r}")
+  if image_shape is None:
+    return
   h, w, _ = image_shape
   factor = input_stride * 2 ** (depth - 1)
   if h % factor or w % factor:
