@@ -10,6 +10,7 @@ import ml_collections
 from iaf_jax import data as data_lib
 
 CONFIG_FILE = "config.json"
+DATA_INFO_FILE = "data_info.json"  # image shape and pixel range: what a model is built for
 # Sections that define what a checkpoint holds: resuming with other values here would mix two runs.
 _IDENTITY_SECTIONS = ("model", "data")
 
@@ -101,7 +102,25 @@ def check_or_save_config(c: ml_collections.ConfigDict, workdir: str) -> None:
     if diffs:
       raise ConfigError(f"{workdir} was trained with another config ({'; '.join(diffs[:3])}); "
                         "use a new --workdir or the same model/data settings")
+  write_json_atomic(path, new)
+
+
+def write_json_atomic(path: str, obj) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    json.dump(new, f, indent=2)
-  os.replace(tmp, path)  # atomic: a crash never leaves half a config
+    json.dump(obj, f, indent=2)
+  os.replace(tmp, path)  # atomic: a crash never leaves half a file
+
+
+def write_data_info(workdir: str, ds: data_lib.Dataset) -> None:
+  write_json_atomic(os.path.join(workdir, DATA_INFO_FILE), {
+      "name": ds.name, "image_shape": list(ds.image_shape), "max_value": ds.max_value, "source": ds.source})
+
+
+def load_data_info(workdir: str) -> dict:
+  path = os.path.join(workdir, DATA_INFO_FILE)
+  if not os.path.exists(path):
+    from iaf_jax.checkpoints import CheckpointError
+    raise CheckpointError(f"{workdir}: holds no checkpoint (no {DATA_INFO_FILE}; train into it first)")
+  with open(path) as f:
+    return json.load(f)

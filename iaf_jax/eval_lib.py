@@ -3,7 +3,6 @@ the checkpoint: workdir -> config + EMA params -> model -> estimator."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -18,9 +17,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from iaf_jax import checkpoints, config_lib, data as data_lib, objectives, plots, train_lib
 from iaf_jax.models import build_model
 
-DATA_INFO_FILE = "data_info.json"
-
-
 @dataclasses.dataclass
 class Run:
   """A trained run restored from its workdir."""
@@ -33,25 +29,13 @@ class Run:
   max_value: int
 
 
-def write_data_info(workdir: str, ds: data_lib.Dataset) -> None:
-  info = {"name": ds.name, "image_shape": list(ds.image_shape), "max_value": ds.max_value, "source": ds.source}
-  tmp = os.path.join(workdir, DATA_INFO_FILE + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(info, f)
-  os.replace(tmp, os.path.join(workdir, DATA_INFO_FILE))
-
-
 def load_run(workdir: str, checkpoint: str = "best", config: Optional[ml_collections.ConfigDict] = None) -> Run:
   """Restore config and EMA params. `config`, if given, must describe the same model as the workdir's."""
   saved = config_lib.load_config(workdir)
   if config is not None:
     _check_same_model(saved, config, workdir)
   config = saved
-  info_path = os.path.join(workdir, DATA_INFO_FILE)
-  if not os.path.exists(info_path):
-    raise checkpoints.CheckpointError(f"{workdir}: holds no checkpoint (no {DATA_INFO_FILE}; train into it first)")
-  with open(info_path) as f:
-    info = json.load(f)
+  info = config_lib.load_data_info(workdir)
   shape, max_value = tuple(info["image_shape"]), int(info["max_value"])
   model = build_model(config.model, shape)
   optimizer = train_lib.make_optimizer(config.train)
@@ -149,10 +133,7 @@ def evaluate(workdir: str, *, num_samples: int = 128, split: str = "test", check
       "devices": n_dev,
   }
   path = os.path.join(workdir, f"eval_{split}_{checkpoint}_K{num_samples}.json")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(result, f, indent=2)
-  os.replace(tmp, path)
+  config_lib.write_json_atomic(path, result)
   print(format_row(result))
   return result
 
@@ -209,8 +190,7 @@ def sample(workdir: str, *, num: int = 64, checkpoint: str = "best", seed: int =
             "ms_forward": 1000 * t_forward, "device": str(jax.devices()[0].platform),
             "samples_png": os.path.join(workdir, "samples.png"),
             "reconstructions_png": os.path.join(workdir, "reconstructions.png")}
-  with open(os.path.join(workdir, "samples.json"), "w") as f:
-    json.dump(result, f, indent=2)
+  config_lib.write_json_atomic(os.path.join(workdir, "samples.json"), result)
   print(f"sampling: {result['ms_per_image_batched']:.3f} ms/image batched ({num}), "
         f"{result['ms_per_image_single']:.3f} ms/image single; forward pass {result['ms_forward']:.3f} ms "
         f"({result['device']}); wrote {result['samples_png']} and {result['reconstructions_png']}")

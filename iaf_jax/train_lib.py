@@ -192,8 +192,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if len(ds.train) < tc.batch_size:
     raise data_lib.DataError(f"{ds.name}: {len(ds.train)} training examples < batch size {tc.batch_size}")
   if jax.process_index() == 0:
-    from iaf_jax.eval_lib import write_data_info
-    write_data_info(workdir, ds)
+    config_lib.write_data_info(workdir, ds)
   mesh = make_mesh()
   n_dev = mesh.devices.size
   if tc.batch_size % n_dev:
