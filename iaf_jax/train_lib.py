@@ -134,6 +134,9 @@ def process_rows(indices: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- the loop
 
+MAX_STEPS_IN_FLIGHT = 2
+
+
 class _StopFlag:
   """Set by SIGTERM / SIGINT: the loop saves a checkpoint and exits cleanly at the next step."""
   def __init__(self):
@@ -242,6 +245,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       state, metrics = train_step(state, global_batch(mesh, ds.train[idx]))
       pending.append(metrics)
       step += 1
+      if len(pending) > MAX_STEPS_IN_FLIGHT:
+        # Bound how far the host runs ahead of the devices: a SIGTERM is seen (and a checkpoint written)
+        # within a few steps, not after a whole logging interval of queued work.
+        pending[-1 - MAX_STEPS_IN_FLIGHT]["loss"].block_until_ready()
 
       if step % tc.log_every == 0 or step == tc.num_steps:
         # The only host sync of the loop: metrics of the last log_every steps, averaged.
