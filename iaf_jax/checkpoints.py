@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import uuid
 from typing import Any, Callable, Optional
 
@@ -56,12 +57,18 @@ class CheckpointManager:
     self.workdir = os.path.abspath(workdir)
     self._latest = _manager(os.path.join(self.workdir, "checkpoints"), keep)
     self._best = _manager(os.path.join(self.workdir, "best"), 1)
+    self._unreadable: set[int] = set()  # steps restore_latest skipped as damaged; deleted at the next save
 
   def steps(self) -> list[int]:
     return list(self._latest.all_steps())
 
   def save(self, step: int, state: Any, meta: dict, best: bool = False) -> None:
     args = lambda: ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    # Damaged steps restore_latest skipped, all newer than the resumed one: left on disk, they would stop this run
+    # from saving those steps again (orbax skips a step that exists or is older than its latest) and stay "latest".
+    for bad in sorted(self._unreadable):
+      self._latest.delete(bad)
+    self._unreadable.clear()
     if step not in self._latest.all_steps():
       self._latest.save(step, args=args())
     if best:
@@ -72,6 +79,7 @@ class CheckpointManager:
     self._best.wait_until_finished()
 
   def _restore(self, manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    _quiet_reads_after_a_failed_restore()
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                              meta=ocp.args.JsonRestore()))
     return restored["state"], dict(restored["meta"])
@@ -85,16 +93,25 @@ class CheckpointManager:
     if not steps:
       return None, None
     abstract = _abstract(jax.eval_shape(make_state), sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    failures = []
     for step in steps:
       try:
-        return self._restore(self._latest, step, abstract)
+        restored = self._restore(self._latest, step, abstract)
       except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
-        if _is_incompatible(e):
-          raise CheckpointError(f"{self.workdir}: checkpoint {step} does not match this config's model "
-                                f"({_first_line(e)})") from None
+        failures.append((step, e))
+        continue
+      # An older step restored, so the newer ones are damaged, not another model's (that fails every step;
+      # the error text alone cannot tell: a missing data file's error quotes the array's "shape" too).
+      for bad, e in failures:
         log.warning("checkpoint %s/checkpoints/%d is unreadable (%s); falling back to the previous one",
-                    self.workdir, step, _first_line(e))
-    raise CheckpointError(f"{self.workdir}: none of the checkpoints {steps} could be restored")
+                    self.workdir, bad, _first_line(e))
+        self._unreadable.add(bad)
+      return restored
+    if all(_is_incompatible(e) for _, e in failures):
+      raise CheckpointError(f"{self.workdir}: checkpoint {steps[0]} does not match this config's model "
+                            f"({_first_line(failures[0][1])})")
+    raise CheckpointError(f"{self.workdir}: none of the checkpoints {steps} could be restored "
+                          f"(newest: {_first_line(failures[0][1])})")
 
   def restore(self, which: str, abstract_state: Any) -> tuple[Any, dict, int]:
     """which = 'best' | 'latest' | a step number; returns (state, meta, step)."""
@@ -109,7 +126,10 @@ class CheckpointManager:
       if which == "latest":
         step = max(steps) if steps else None
       else:
-        step = int(which)
+        try:
+          step = int(which)
+        except ValueError:
+          raise CheckpointError(f"--checkpoint={which!r}: must be best, latest or a step number") from None
         if step not in steps:
           raise CheckpointError(f"{self.workdir}: no checkpoint at step {step}; have {sorted(steps)}")
     if step is None:
@@ -120,6 +140,38 @@ class CheckpointManager:
       raise CheckpointError(f"{self.workdir}: checkpoint {step} could not be restored for this config "
                             f"({_first_line(e)})") from None
     return state, meta, step
+
+
+def _quiet_reads_after_a_failed_restore() -> None:
+  """When one array of a damaged checkpoint fails to read, orbax's restore raises and closes its asyncio loop while
+  TensorStore still completes the other reads. What is left over then reports itself, with a traceback each, after
+  our one-line error: callbacks into the closed loop ("RuntimeError: Event loop is closed") and orbax read
+  coroutines that raise as they are closed, both through sys.unraisablehook, and the reads' own failures, never
+  awaited, logged by asyncio when collected ("Task/Future exception was never retrieved"). Drop exactly those."""
+  asyncio_log = logging.getLogger("asyncio")
+  if _is_abandoned_read_log not in asyncio_log.filters:
+    asyncio_log.addFilter(_is_abandoned_read_log)
+  previous = sys.unraisablehook
+  if getattr(previous, "_drops_abandoned_reads", False):
+    return
+
+  def hook(unraisable):
+    code = getattr(unraisable.object, "cr_code", None)  # a coroutine being closed
+    if ((unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed")
+        or (code is not None and f"orbax{os.sep}checkpoint" in code.co_filename)):
+      return
+    previous(unraisable)
+
+  hook._drops_abandoned_reads = True
+  sys.unraisablehook = hook
+
+
+def _is_abandoned_read_log(record: logging.LogRecord) -> bool:
+  """A logging filter: False (drop) for asyncio's report of a checkpoint read nobody awaited."""
+  if not str(record.msg).startswith(("Task exception was never retrieved", "Future exception was never retrieved")):
+    return True
+  text = record.getMessage()
+  return not ("async_deserialize" in text or "tensorstore" in text)
 
 
 def _first_line(e: BaseException) -> str:

@@ -91,18 +91,23 @@ def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
   return out
 
 
-def check_or_save_config(c: ml_collections.ConfigDict, workdir: str) -> None:
-  """Save the config in a new workdir; in an existing one, refuse a config whose model or data differ."""
+def check_config_compatible(c: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuse a config whose model or data differ from those the workdir was trained with."""
   path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = json.load(f)
   new = to_dict(c)
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    diffs = config_diff({k: old.get(k, {}) for k in _IDENTITY_SECTIONS}, {k: new.get(k, {}) for k in _IDENTITY_SECTIONS})
-    if diffs:
-      raise ConfigError(f"{workdir} was trained with another config ({'; '.join(diffs[:3])}); "
-                        "use a new --workdir or the same model/data settings")
-  write_json_atomic(path, new)
+  diffs = config_diff({k: old.get(k, {}) for k in _IDENTITY_SECTIONS}, {k: new.get(k, {}) for k in _IDENTITY_SECTIONS})
+  if diffs:
+    raise ConfigError(f"{workdir} was trained with another config ({'; '.join(diffs[:3])}); "
+                      "use a new --workdir or the same model/data settings")
+
+
+def save_config(c: ml_collections.ConfigDict, workdir: str) -> None:
+  check_config_compatible(c, workdir)
+  write_json_atomic(os.path.join(workdir, CONFIG_FILE), to_dict(c))
 
 
 def write_json_atomic(path: str, obj) -> None:

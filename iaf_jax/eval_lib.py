@@ -84,8 +84,10 @@ def evaluate(workdir: str, *, num_samples: int = 128, split: str = "test", check
              max_examples: int = 0, batch_size: int = 0, chunk_size: int = 0, seed: int = 0,
              progress: bool = True) -> dict:
   """Importance-sampled log p(x) and ELBO of a trained run; prints a table row, writes workdir/eval_*.json."""
-  if num_samples < 1:
-    raise config_lib.ConfigError(f"--num_samples={num_samples}: K must be >= 1")
+  for flag, value, low in (("num_samples", num_samples, 1), ("max_examples", max_examples, 0),
+                           ("batch_size", batch_size, 0), ("chunk_size", chunk_size, 0)):
+    if value < low:
+      raise config_lib.ConfigError(f"--{flag}={value}: must be >= {low}")
   run = load_run(workdir, checkpoint)
   c = run.config
   ds = data_lib.load_dataset(c.data.name, c.data.dir or None, validation_size=c.data.validation_size, seed=c.seed,

@@ -187,7 +187,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if tc.distributed:
     jax.distributed.initialize()
   checkpoints.check_workdir_writable(workdir)
-  config_lib.check_or_save_config(config, workdir)
+  config_lib.check_config_compatible(config, workdir)  # before any work; saved only once every check passed
 
   ds = data_lib.load_dataset(config.data.name, config.data.dir or None, validation_size=config.data.validation_size,
                              seed=config.seed, likelihood=config.model.likelihood,
@@ -202,6 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise config_lib.ConfigError(f"config.train.batch_size={tc.batch_size} must be a multiple of the "
                                  f"{n_dev} devices")
   model = build_model(config.model, ds.image_shape)
+  config_lib.save_config(config, workdir)
   optimizer = make_optimizer(tc)
   lik, maxv = config.model.likelihood, ds.max_value
 
