@@ -87,7 +87,8 @@ def evaluate(workdir: str, *, num_samples: int = 128, split: str = "test", check
   for flag, value, low in (("num_samples", num_samples, 1), ("max_examples", max_examples, 0),
                            ("batch_size", batch_size, 0), ("chunk_size", chunk_size, 0)):
     if value < low:
-      raise config_lib.ConfigError(f"--{flag}={value}: must be >= {low}")
+      what = "K" if flag == "num_samples" else "it"
+      raise config_lib.ConfigError(f"--{flag}={value}: {what} must be >= {low}")
   run = load_run(workdir, checkpoint)
   c = run.config
   ds = data_lib.load_dataset(c.data.name, c.data.dir or None, validation_size=c.data.validation_size, seed=c.seed,
