@@ -1,0 +1,116 @@
+"""python -m iaf_jax.bench: the JSON it writes (keys, finite positive numbers, FLOP bookkeeping) and its errors.
+
+The end-to-end test runs the bench as a subprocess with --quick on one tiny MNIST config at batch 8 and 16. It
+checks the bench's bookkeeping, not the speed of the code, so the subprocess compiles at LLVM optimisation level
+0 (the same HLO and so the same cost analysis, compiled several times faster).
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from helpers import REPO
+from iaf_jax import bench
+
+MACHINE_KEYS = ("platform", "device_kind", "cpu_count", "jax", "date")
+
+
+def _run_bench(*args, timeout=300):
+  flags = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+  env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS=flags)
+  return subprocess.run([sys.executable, "-m", "iaf_jax.bench", *args], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def test_quick_bench_json(tmp_path):
+  out = tmp_path / "bench.json"
+  proc = _run_bench("--configs", "mnist:diag", "--batch", "8,16", "--devices", "1", "--is_examples", "8",
+                    "--quick", "--json", str(out))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "compiling the update step" in proc.stderr      # progress goes to stderr
+  assert "train img/s" in proc.stdout                     # the table goes to stdout
+  result = json.loads(out.read_text())
+
+  machine = result["machine"]
+  for key in MACHINE_KEYS:
+    assert machine.get(key), key
+  assert machine["jax"] == jax.__version__
+
+  rows = result["rows"]
+  assert [(r["config"], r["batch"], r["devices"]) for r in rows] == [("mnist:diag", 8, 1), ("mnist:diag", 16, 1)]
+  for r in rows:
+    missing = set(bench.REQUIRED_KEYS) - set(r)
+    assert not missing, missing
+    for key in bench.REQUIRED_KEYS[1:]:
+      assert isinstance(r[key], (int, float)) and math.isfinite(r[key]) and r[key] > 0, (key, r[key])
+    assert not set(bench.RESNET_KEYS) & set(r)            # sampling timings are for ResNet rows only
+    assert r["gflops_per_s"] == pytest.approx(r["flops_per_image"] * r["train_images_per_s"] / 1e9, rel=1e-6)
+    assert r["train_images_per_s"] == pytest.approx(1000 * r["batch"] / r["train_step_ms"], rel=1e-6)
+    assert r["is_samples_per_s"] > 0 and r["is_num_samples"] == bench.QUICK_SETTINGS["num_samples"]
+    # A training step does at least a forward (2 flops per weight use) and a backward pass per image.
+    assert r["flops_per_image"] > 4 * r["num_params"], r
+    assert r["matmul_ceiling_gflops"] == machine["matmul_ceiling_gflops"]
+
+  small, large = rows
+  # Per-image cost: most of the step scales with the batch, so dividing by it gives about the same number.
+  assert large["flops_per_image"] == pytest.approx(small["flops_per_image"], rel=0.2)
+  assert large["num_params"] == small["num_params"]
+
+
+def test_too_few_devices_is_one_line(capsys):
+  wanted = len(jax.devices()) + 1
+  with pytest.raises(SystemExit) as e:
+    bench.main(["--configs", "mnist:diag", "--devices", f"1,{wanted}", "--quick"])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1
+  assert f"XLA_FLAGS=--xla_force_host_platform_device_count={wanted}" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--configs", "mnist:nope"], "unknown config name"),
+    (["--configs", "mnist"], "not FILE:NAME"),
+    (["--override", "model.no_such_field=3"], "none of the configs has this field"),
+    (["--override", "model.hidden_dim=wide"], "model.hidden_dim"),
+    (["--override", "hidden_dim=3"], "section.field=value"),
+    (["--batch", "0"], "--batch"),
+    (["--image_shape", "28,28"], "H,W,C"),
+])
+def test_bad_flags_are_one_line(argv, message, capsys):
+  with pytest.raises(SystemExit) as e:
+    bench.main(argv + ["--quick"])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_overrides_apply_where_the_field_exists():
+  overrides = [bench.parse_override("model.h_size=64"), bench.parse_override("model.channels=(8, 16)"),
+               bench.parse_override("model.strides=[2, 2]"), bench.parse_override("train.learning_rate=1")]
+  assert overrides[1] == ("model.channels", (8, 16))
+  mnist, shape = bench.load_config("mnist:diag", overrides, quick=False)
+  assert shape == (28, 28, 1) and tuple(mnist.model.channels) == (8, 16) and "h_size" not in mnist.model
+  assert tuple(mnist.model.strides) == (2, 2)
+  assert mnist.train.learning_rate == 1.0
+  resnet, shape = bench.load_config("cifar10:rungs4_iaf", overrides, quick=True)
+  assert shape == (32, 32, 3) and resnet.model.h_size == 64           # --override wins over --quick
+  assert resnet.model.z_size == bench.QUICK_OVERRIDES["model.z_size"]
+
+
+class _FakeCompiled:
+  def __init__(self, analysis):
+    self.analysis = analysis
+
+  def cost_analysis(self):
+    return self.analysis
+
+
+def test_cost_flops_dict_or_list():
+  assert bench.cost_flops(_FakeCompiled({"flops": 10.0, "bytes accessed": 3.0})) == 10.0
+  assert bench.cost_flops(_FakeCompiled([{"flops": 7.0}])) == 7.0
+  assert bench.cost_flops(_FakeCompiled([{}, {"flops": 5.0}])) == 5.0
+  assert bench.cost_flops(_FakeCompiled(None)) == 0.0
