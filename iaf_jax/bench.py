@@ -215,17 +215,8 @@ def _check_overrides_exist(specs, overrides):
 # ----------------------------------------------------------------------------- measurements
 
 def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
-  """Median wall time of fn() (blocked until its results are ready) after `warmup` untimed calls."""
-  import jax
-
-  for _ in range(warmup):
-    jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
+  from iaf_jax.eval_lib import median_seconds as _median  # one home for the timing rule
+  return _median(fn, repeats, warmup)
 
 
 def matmul_ceiling_gflops(n: int, repeats: int) -> float:

@@ -148,8 +148,10 @@ def format_row(r: dict) -> str:
           f"(K={r['num_samples']}, {r['num_examples']} {r['split']} examples, step {r['checkpoint_step']})")
 
 
-def _median_seconds(fn, repeats: int = 5) -> float:
-  jax.block_until_ready(fn())  # compile
+def median_seconds(fn, repeats: int = 5, warmup: int = 1) -> float:
+  """Median wall time of fn() (blocked until its results are ready) after `warmup` untimed calls (compiles)."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
   times = []
   for _ in range(repeats):
     t = time.perf_counter()
@@ -169,8 +171,8 @@ def sample(workdir: str, *, num: int = 64, checkpoint: str = "best", seed: int =
   sample_fn = jax.jit(lambda p, k, n: model.apply({"params": p}, k, n, method="sample"), static_argnums=2)
   samples = np.asarray(sample_fn(params, key, num))
   plots.save_image_grid(os.path.join(workdir, "samples.png"), samples)
-  t_batched = _median_seconds(lambda: sample_fn(params, key, num))
-  t_single = _median_seconds(lambda: sample_fn(params, key, 1))
+  t_batched = median_seconds(lambda: sample_fn(params, key, num))
+  t_single = median_seconds(lambda: sample_fn(params, key, 1))
 
   ds = data_lib.load_dataset(c.data.name, c.data.dir or None, validation_size=c.data.validation_size, seed=c.seed,
                              likelihood=c.model.likelihood, max_train=c.data.max_train or None)
@@ -187,7 +189,7 @@ def sample(workdir: str, *, num: int = 64, checkpoint: str = "best", seed: int =
                         ncols=min(len(originals), 16))
   forward = jax.jit(lambda p, xx, k: model.apply({"params": p}, xx, k))
   x1 = x[:1]
-  t_forward = _median_seconds(lambda: forward(params, x1, key))
+  t_forward = median_seconds(lambda: forward(params, x1, key))
   result = {"workdir": os.path.abspath(workdir), "checkpoint_step": run.step, "num": num,
             "ms_per_image_batched": 1000 * t_batched / num, "ms_per_image_single": 1000 * t_single,
             "ms_forward": 1000 * t_forward, "device": str(jax.devices()[0].platform),
