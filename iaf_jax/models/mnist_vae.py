@@ -23,8 +23,6 @@ from iaf_jax.layers import ConvTranspose2D, MaskedConv2D, MaskedDense
 # The encoder's std starts near exp(-2) ~ 0.14: the report re-parameterises q(z0|x) "to have initially low
 # variance" to prevent under-fitting (Appendix 6.1).
 INITIAL_LOG_STD = -2.0
-# Bounds of the discretized logistic's mean on the [-0.5, 0.5] pixel scale (openai/iaf: clip to 1/512 inside).
-_MEAN_LIMIT = 0.5 - 1.0 / 512
 
 
 class ResBlock(nn.Module):
@@ -141,7 +139,7 @@ class MnistVAE(nn.Module):
     if self.likelihood == "bernoulli":
       return h
     mean, log_scale = jnp.split(h, 2, axis=-1)
-    return jnp.clip(0.5 * mean, -_MEAN_LIMIT, _MEAN_LIMIT), log_scale - 2.0
+    return dist.bounded_mean(0.5 * mean), log_scale - 2.0
 
   def log_likelihood(self, x, z):
     params = self.decode(z)

@@ -38,8 +38,6 @@ from iaf_jax import distributions as dist
 from iaf_jax.flows import IAFStep
 from iaf_jax.layers import ConvTranspose2D, MaskedConv2D
 
-# Bounds of the discretized logistic's mean on the [-0.5, 0.5] pixel scale ([H]: clip to 1/512 inside).
-_MEAN_LIMIT = 0.5 - 1.0 / 512
 # openai/iaf's conv2d/deconv2d default init_scale: every layer starts with outputs of std 0.1 over the init batch.
 _INIT_SCALE = 0.1
 # Residual branches are added with weight 0.1 ([H]: output = input + 0.1 * h).
@@ -316,13 +314,13 @@ class ResNetVAE(nn.Module):
       k = self.mixture_components
       out = out.reshape(*out.shape[:-1], self.image_shape[-1], 3, k)
       logits, means, log_scales = out[..., 0, :], out[..., 1, :], out[..., 2, :]
-      return logits, jnp.clip(means, -_MEAN_LIMIT, _MEAN_LIMIT), jnp.maximum(log_scales, _MIN_MIXTURE_LOG_SCALE)
+      return logits, dist.bounded_mean(means), jnp.maximum(log_scales, _MIN_MIXTURE_LOG_SCALE)
     if self.shared_log_scale:
       mean = out
       log_scale = jnp.broadcast_to(self.dec_log_stdv, mean.shape)
     else:
       mean, log_scale = jnp.split(out, 2, axis=-1)
-    return jnp.clip(mean, -_MEAN_LIMIT, _MEAN_LIMIT), log_scale
+    return dist.bounded_mean(mean), log_scale
 
   def _log_px(self, x, params):
     if self.likelihood == "bernoulli":
