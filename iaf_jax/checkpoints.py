@@ -168,10 +168,10 @@ def _quiet_reads_after_a_failed_restore() -> None:
 
 def _is_abandoned_read_log(record: logging.LogRecord) -> bool:
   """A logging filter: False (drop) for asyncio's report of a checkpoint read nobody awaited."""
-  if not str(record.msg).startswith(("Task exception was never retrieved", "Future exception was never retrieved")):
+  if "exception was never retrieved" not in str(record.msg):  # Task / Future / _GatheringFuture
     return True
   text = record.getMessage()
-  return not ("async_deserialize" in text or "tensorstore" in text)
+  return not any(s in text for s in ("async_deserialize", "tensorstore", f"orbax{os.sep}checkpoint"))
 
 
 def _first_line(e: BaseException) -> str:
