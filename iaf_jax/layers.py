@@ -21,6 +21,8 @@ def _weight_normed(mdl: nn.Module, x: jax.Array, kernel_shape: Sequence[int], li
                    weight_norm: bool, data_init: bool, init_scale: float, use_bias: bool) -> jax.Array:
   """Shared body of every layer: `linear(x, kernel)` with an optional mask and weight normalisation."""
   out_features = kernel_shape[-1]
+  if mask is not None and tuple(np.shape(mask)) != tuple(kernel_shape):  # one check for every masked layer
+    raise ValueError(f"{type(mdl).__name__}: mask shape {np.shape(mask)} does not match kernel {tuple(kernel_shape)}")
   init = nn.initializers.normal(0.05) if weight_norm else nn.initializers.lecun_normal()
   v = mdl.param("kernel", init, tuple(kernel_shape), jnp.float32)
   if mask is not None:
@@ -55,8 +57,6 @@ class MaskedDense(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     shape = (x.shape[-1], self.features)
-    if self.mask is not None and tuple(np.shape(self.mask)) != shape:
-      raise ValueError(f"MaskedDense: mask shape {np.shape(self.mask)} does not match kernel {shape}")
     return _weight_normed(self, x, shape, lambda a, w: a @ w, self.mask, self.weight_norm, self.data_init,
                           self.init_scale, self.use_bias)
 
@@ -79,8 +79,6 @@ class MaskedConv2D(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     shape = (*_pair(self.kernel_size), x.shape[-1], self.features)
-    if self.mask is not None and tuple(np.shape(self.mask)) != shape:
-      raise ValueError(f"MaskedConv2D: mask shape {np.shape(self.mask)} does not match kernel {shape}")
     strides = _pair(self.strides)
 
     def conv(a, w):
