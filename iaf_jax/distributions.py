@@ -62,7 +62,13 @@ def _discretized_logistic_log_probs(x_int: jax.Array, mean: jax.Array, log_scale
 
 
 def discretized_logistic_log_prob(x_int: jax.Array, mean: jax.Array, log_scale: jax.Array) -> jax.Array:
-  """log p(x) of 8-bit pixels x in {0..255} (any float/int dtype), mean on the [-0.5, 0.5] scale, per example."""
+  """log p(x) of 8-bit pixels x in {0..255} (any float/int dtype), mean on the [-0.5, 0.5] scale, per example.
+
+  The mean may lie anywhere: models feed it unbounded. Bounding it (the IAF code clips to +-(0.5 - 1/512); a
+  tanh bound saturates the same way) kills the gradient that pulls a mean back from beyond the edge bins, and
+  on images that are mostly background (Fashion-MNIST: 57% zeros) the decoder got stuck predicting black
+  everywhere. Unbounded, a bright pixel's log-mass keeps a slope of 1/scale in the mean however far out it is.
+  """
   return _sum_event(_discretized_logistic_log_probs(x_int.astype(mean.dtype), mean, log_scale))
 
 
@@ -73,17 +79,3 @@ def discretized_logistic_mixture_log_prob(x_int: jax.Array, logit_probs: jax.Arr
   log_probs = _discretized_logistic_log_probs(x, means, log_scales)
   return _sum_event(jax.nn.logsumexp(log_probs + jax.nn.log_softmax(logit_probs, axis=-1), axis=-1))
 
-
-# Largest |mean| of a discretized logistic on the [-0.5, 0.5] scale: the centres of the edge bins (openai/iaf
-# clips its decoder output to this range).
-MEAN_LIMIT = 0.5 - 1.0 / 512
-
-
-def bounded_mean(raw: jax.Array) -> jax.Array:
-  """A network output -> a logistic mean inside (-MEAN_LIMIT, MEAN_LIMIT).
-
-  A smooth bound rather than the IAF code's hard clip: clipping has zero gradient outside the range, and a
-  decoder that pushes a mostly-background image below -0.5 early in training stays stuck there (seen here:
-  all-black reconstructions from a ResNet VAE trained on Fashion-MNIST).
-  """
-  return MEAN_LIMIT * jnp.tanh(raw / MEAN_LIMIT)

@@ -15,8 +15,8 @@ Architecture facts follow the IAF paper's public code ([H]: ../../shared/referen
       log q(z) = log q(z0) - log-det; KL of the rung = log q(z) - log p(z) (summed over the rung's map)
       h = elu(concat(z, h_det)) -> conv3x3 (transposed conv x2 where upsampling);
       out = input (nearest-neighbour upsampled where upsampling) + 0.1 * h
-  elu -> transposed conv 5x5 stride `input_stride` -> discretized logistic mean (clipped to
-  [-0.5 + 1/512, 0.5 - 1/512]) with ONE learned scalar log-scale (`dec_log_stdv`, [H]) or a per-sub-pixel
+  elu -> transposed conv 5x5 stride `input_stride` -> discretized logistic mean (unbounded here; [H] clips
+  it to [-0.5 + 1/512, 0.5 - 1/512], see distributions.discretized_logistic_log_prob) with ONE learned scalar log-scale (`dec_log_stdv`, [H]) or a per-sub-pixel
   log-scale, or a per-sub-pixel mixture of discretized logistics, or Bernoulli logits for {0, 1} data.
 
 Rungs are indexed in bottom-up order: rung r = level * num_blocks + block, so rung 0 is the one nearest the
@@ -314,13 +314,13 @@ class ResNetVAE(nn.Module):
       k = self.mixture_components
       out = out.reshape(*out.shape[:-1], self.image_shape[-1], 3, k)
       logits, means, log_scales = out[..., 0, :], out[..., 1, :], out[..., 2, :]
-      return logits, dist.bounded_mean(means), jnp.maximum(log_scales, _MIN_MIXTURE_LOG_SCALE)
+      return logits, means, jnp.maximum(log_scales, _MIN_MIXTURE_LOG_SCALE)
     if self.shared_log_scale:
       mean = out
       log_scale = jnp.broadcast_to(self.dec_log_stdv, mean.shape)
     else:
       mean, log_scale = jnp.split(out, 2, axis=-1)
-    return dist.bounded_mean(mean), log_scale
+    return mean, log_scale  # unbounded: see distributions.discretized_logistic_log_prob
 
   def _log_px(self, x, params):
     if self.likelihood == "bernoulli":
@@ -334,8 +334,8 @@ class ResNetVAE(nn.Module):
       return jax.nn.sigmoid(params)
     if self.mixture_components:
       logits, means, _ = params
-      return jnp.sum(jax.nn.softmax(logits, axis=-1) * means, axis=-1) + 0.5
-    return params[0] + 0.5
+      return jnp.clip(jnp.sum(jax.nn.softmax(logits, axis=-1) * means, axis=-1) + 0.5, 0.0, 1.0)
+    return jnp.clip(params[0] + 0.5, 0.0, 1.0)
 
   def _kl_per_group(self, log_q, log_p, kl_channels):
     if self.kl_groups == "channel":
