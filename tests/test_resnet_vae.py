@@ -82,7 +82,12 @@ def test_output_shapes(depth, num_blocks, hw):
   out, params = jax.eval_shape(model.init_with_output, rkey(0), x, rkey(1))
   rungs = depth * num_blocks
   assert model.num_rungs == rungs
-  assert sum(k.startswith("rungs_") for k in params["params"]) == rungs
+  # Runs of identical rungs are scanned: their parameters carry a leading axis, one slice per rung.
+  stages = [v for k, v in params["params"].items() if k.startswith("stages_")]
+  rungs_per_stage = [v["up_conv1"]["kernel"].shape[0] if v["up_conv1"]["kernel"].ndim == 5 else 1 for v in stages]
+  assert sum(rungs_per_stage) == rungs
+  if (depth, num_blocks) == (1, 20):
+    assert rungs_per_stage == [19, 1]  # 19 identical rungs under the top one (which has no data init)
   for k in ("log_px_given_z", "log_pz", "log_qz"):
     assert out[k].shape == (batch,)
   assert out["kl_per_group"].shape == (batch, rungs)
@@ -98,6 +103,30 @@ def test_output_shapes(depth, num_blocks, hw):
     assert lw.shape == (5, batch)
     s = jax.eval_shape(lambda p, k: model.apply(p, k, 7, method=ResNetVAE.sample), params, rkey(3))
     assert s.shape == (7, hw, hw, 3)
+
+
+def test_scanned_rungs_compute_what_unrolled_rungs_compute():
+  """scan_rungs=True (one compiled body per run of identical rungs) is the unrolled model with its per-rung
+  parameters stacked: same terms, same per-rung IAF."""
+  kw = dict(image_shape=(4, 4, 2), h_size=4, z_size=2, depth=1, num_blocks=3, input_stride=1)
+  unrolled, scanned = ResNetVAE(**kw, scan_rungs=False), ResNetVAE(**kw, scan_rungs=True)
+  x = structured_images(3, hw=4, c=2)
+  p_un = unrolled.init(rkey(0), x, rkey(1))["params"]
+  p_sc = {k: v for k, v in p_un.items() if not k.startswith("rungs_")}
+  p_sc["stages_0"] = jax.tree_util.tree_map(lambda *a: jnp.stack(a), p_un["rungs_0"], p_un["rungs_1"])
+  p_sc["stages_1"] = p_un["rungs_2"]  # the top rung stands alone
+  init_tree = jax.eval_shape(scanned.init, rkey(0), x, rkey(1))["params"]
+  assert jax.tree_util.tree_structure(init_tree) == jax.tree_util.tree_structure(p_sc)
+  out_un = unrolled.apply({"params": p_un}, x, rkey(2))
+  out_sc = scanned.apply({"params": p_sc}, x, rkey(2))
+  for k in out_un:
+    np.testing.assert_allclose(out_sc[k], out_un[k], rtol=1e-5, atol=1e-4)
+  z, ctx = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 2)), jax.random.normal(jax.random.PRNGKey(1), (2, 4, 4, 4))
+  for rung in range(3):
+    a = unrolled.apply({"params": p_un}, rung, z, ctx, method=ResNetVAE.rung_flow)
+    b = scanned.apply({"params": p_sc}, rung, z, ctx, method=ResNetVAE.rung_flow)
+    for u, v in zip(a, b):
+      np.testing.assert_allclose(v, u, rtol=1e-5, atol=1e-5)
 
 
 def test_invalid_settings_raise():
@@ -213,7 +242,7 @@ def test_free_bits_per_rung(tiny):
     np.testing.assert_allclose(fb_grad(lam)[0], np.maximum(lam, kl).sum(), rtol=1e-5)
   # Rung 0 (the bottom one) has parameters that feed no other rung's KL: its IAF step and its top-down conv
   # (whose h_det goes on to the decoder only). Through them the KL term has a gradient at lambda = 0 ...
-  own = lambda g: [g["params"]["rungs_0"]["iaf_step"], g["params"]["rungs_0"]["down_conv1"]]
+  own = lambda g: [g["params"]["stages_0"]["iaf_step"], g["params"]["stages_0"]["down_conv1"]]  # rung 0 alone
   max_abs = lambda tree: max(float(jnp.abs(a).max()) for a in jax.tree_util.tree_leaves(tree))
   assert max_abs(own(g_all)) > 0
   # ... and none once rung 0's mean KL is below lambda: free bits cut the gradient of that rung's KL.

@@ -172,6 +172,45 @@ class Rung(nn.Module):
     return x + _RESIDUAL_WEIGHT * hid, z, log_q, log_p, kl_channels
 
 
+  def down_step(self, x: jax.Array, xs):
+    """`down` in the shape nn.scan wants: carry x, per-rung inputs xs = (eps, up, z_fixed) (None where unused),
+    per-rung outputs (z, log_q, log_p, kl_channels)."""
+    eps, up, z_fixed = xs
+    x, z, log_q, log_p, kl_c = self.down(x, eps, up=up, z_fixed=z_fixed)
+    return x, (z, log_q, log_p, kl_c)
+
+
+def _scanned_rungs(length: int):
+  """`length` identical rungs as ONE module whose parameters carry a leading rung axis: `up` scans bottom-up,
+  `down_step` top-down (reverse). XLA then compiles one rung body per run of identical rungs instead of
+  unrolling all of them (the 20-rung model's update step took minutes to compile unrolled)."""
+  common = dict(variable_axes={"params": 0}, split_rngs={"params": True}, length=length)
+  return nn.scan(Rung, methods={"up": dict(common), "down_step": dict(common, reverse=True)})
+
+
+def _rung_segments(depth: int, num_blocks: int) -> list[tuple[int, int, bool, bool]]:
+  """Runs of consecutive rungs with the same structure, bottom-up: [(first rung, length, downsample, top)]."""
+  flags = [(i > 0 and j == 0, i == depth - 1 and j == num_blocks - 1)
+           for i in range(depth) for j in range(num_blocks)]
+  segments = []
+  for r, f in enumerate(flags):
+    if segments and segments[-1][2:] == f:
+      first, length = segments[-1][:2]
+      segments[-1] = (first, length + 1) + f
+    else:
+      segments.append((r, 1) + f)
+  return segments
+
+
+def _stack(trees):
+  return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *trees)
+
+
+def _unstack(tree, length: int) -> list:
+  """A pytree with a leading axis of `length` -> a list of `length` pytrees (None leaves stay None)."""
+  return [jax.tree_util.tree_map(lambda a, i=i: a[i], tree) for i in range(length)]
+
+
 def _gaussian_log_density(x, mean, log_std):
   """Elementwise log N(x; mean, exp(log_std))."""
   eps = (x - mean) * jnp.exp(-log_std)
@@ -211,6 +250,9 @@ class ResNetVAE(nn.Module):
   # its total) is shared equally among the rung's channels; rows still sum exactly to log_qz - log_pz.
   kl_groups: str = "rung"
   weight_norm: bool = True
+  # True: runs of identical rungs are scanned (one compiled rung body each, parameters stacked per run);
+  # False: every rung its own module (the parameter layout of runs made before scanning existed).
+  scan_rungs: bool = True
 
   @property
   def num_rungs(self) -> int:
@@ -235,13 +277,15 @@ class ResNetVAE(nn.Module):
     wn = self.weight_norm
     c = self.image_shape[-1]
     self.x_enc = MaskedConv2D(self.h_size, 5, self.input_stride, weight_norm=wn, init_scale=_INIT_SCALE)
-    rungs = []
-    for i in range(self.depth):
-      for j in range(self.num_blocks):
-        rungs.append(Rung(self.h_size, self.z_size, downsample=i > 0 and j == 0, iaf=self.iaf,
-                          learnt_sigma=self.learnt_sigma, weight_norm=wn,
-                          top=(i == self.depth - 1 and j == self.num_blocks - 1)))
-    self.rungs = rungs
+    kw = dict(iaf=self.iaf, learnt_sigma=self.learnt_sigma, weight_norm=wn)
+    if self.scan_rungs:
+      self.stages = [
+          (_scanned_rungs(length) if length > 1 else Rung)(self.h_size, self.z_size, downsample=down, top=top, **kw)
+          for _, length, down, top in _rung_segments(self.depth, self.num_blocks)]
+    else:
+      self.rungs = [Rung(self.h_size, self.z_size, downsample=i > 0 and j == 0,
+                         top=(i == self.depth - 1 and j == self.num_blocks - 1), **kw)
+                    for i in range(self.depth) for j in range(self.num_blocks)]
     self.h_top = self.param("h_top", nn.initializers.zeros, (self.h_size,))
     if self.likelihood == "bernoulli":
       out_c = c
@@ -271,10 +315,16 @@ class ResNetVAE(nn.Module):
     self._check_input(x)
     h = self.x_enc(self._scale_input(x))
     ups = []
-    for rung in self.rungs:
-      h, up = rung.up(h)
-      ups.append(up)
+    for module, (_, length) in self._stage_modules():
+      h, up = module.up(h)
+      ups += [up] if length == 1 else _unstack(up, length)
     return ups
+
+  def _stage_modules(self):
+    """[(module, (first rung, length))]: scanned runs of rungs (length > 1) or single rungs, bottom-up."""
+    if not self.scan_rungs:
+      return [(rung, (r, 1)) for r, rung in enumerate(self.rungs)]
+    return [(m, seg[:2]) for m, seg in zip(self.stages, _rung_segments(self.depth, self.num_blocks))]
 
   def top_down(self, batch: int, key: Optional[jax.Array] = None, ups=None, zs=None):
     """The generative pass, rungs from the top down, in one of three modes:
@@ -297,11 +347,17 @@ class ResNetVAE(nn.Module):
       sizes = [int(np.prod(s)) for s in shapes]
       flat = jax.random.normal(key, (batch, sum(sizes)), jnp.float32)
       eps = [a.reshape(batch, *s) for a, s in zip(jnp.split(flat, np.cumsum(sizes)[:-1], axis=1), shapes)]
-    out_z, out_q, out_p, out_kl = [None] * n, [None] * n, [None] * n, [None] * n
-    for r in reversed(range(n)):
-      h, z, log_q, log_p, kl_c = self.rungs[r].down(h, eps[r], up=None if ups is None else ups[r],
-                                                  z_fixed=None if zs is None else zs[r])
-      out_z[r], out_q[r], out_p[r], out_kl[r] = z, log_q, log_p, kl_c
+    outs = [None] * n  # per rung (z, log_q, log_p, kl_channels)
+    for module, (first, length) in reversed(self._stage_modules()):
+      rungs = range(first, first + length)
+      xs = tuple(None if v is None else [v[r] for r in rungs] for v in (eps, ups, zs))
+      if length == 1:
+        h, out = module.down_step(h, tuple(None if v is None else v[0] for v in xs))
+        outs[first] = out
+      else:
+        h, out = module.down_step(h, tuple(None if v is None else _stack(v) for v in xs))
+        outs[first:first + length] = _unstack(out, length)
+    out_z, out_q, out_p, out_kl = (list(t) for t in zip(*outs))
     return h, out_z, out_q, out_p, out_kl
 
   def decode(self, h):
@@ -344,7 +400,18 @@ class ResNetVAE(nn.Module):
 
   def rung_flow(self, index: int, z, context):
     """The IAF step of rung `index` (bottom-up order) alone: (z', log-det [B]). For tests and analysis."""
-    return self.rungs[index].flow(z, context)
+    for module, (first, length) in self._stage_modules():
+      if first <= index < first + length:
+        break
+    else:
+      raise ValueError(f"ResNetVAE: rung index {index} out of range 0..{self.num_rungs - 1}")
+    if length == 1:
+      return module.flow(z, context)
+    # A rung inside a scanned run: its slice of the stacked parameters, applied as a lone Rung.
+    params = jax.tree_util.tree_map(lambda a: a[index - first], self.variables["params"][module.name])
+    rung = Rung(self.h_size, self.z_size, iaf=self.iaf, learnt_sigma=self.learnt_sigma, weight_norm=self.weight_norm,
+                parent=None)
+    return rung.apply({"params": params}, z, context, method="flow")
 
   # --- the protocol train_lib / eval_lib use ---
   def __call__(self, x, key):
@@ -417,6 +484,8 @@ def build_resnet_vae(model_config, image_shape) -> ResNetVAE:
       mixture_components=int(_field(model_config, "mixture_components", 0)),
       kl_groups=str(_field(model_config, "kl_groups", "rung")),
       weight_norm=bool(_field(model_config, "weight_norm", True)),
+      # Absent from the config.json of runs made before scanning existed: those keep their unrolled layout.
+      scan_rungs=bool(_field(model_config, "scan_rungs", False)),
   )
   validate_resnet_vae(kwargs["image_shape"], **{k: kwargs[k] for k in (
       "h_size", "z_size", "depth", "num_blocks", "iaf", "likelihood", "input_stride", "mixture_components",
