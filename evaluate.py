@@ -17,6 +17,9 @@ MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 0, "Evaluate only the first 
 BATCH_SIZE = flags.DEFINE_integer("batch_size", 0, "Examples per pass (0 = config.eval.batch_size).")
 CHUNK_SIZE = flags.DEFINE_integer("chunk_size", 0, "Importance samples per pass (0 = config.eval.chunk_size).")
 NUM = flags.DEFINE_integer("num", 64, "Images to sample in --mode=sample.")
+DIAG_EXAMPLES = flags.DEFINE_integer("diagnostics_examples", 1000, "Examples for the collapse diagnostics in the "
+                                     "eval JSON (KL per latent unit, active units); 0 = skip them.")
+DIAG_SAMPLES = flags.DEFINE_integer("diagnostics_samples", 16, "Posterior samples per example for those diagnostics.")
 SEED = flags.DEFINE_integer("seed", 0, "Seed of the evaluation's random draws.")
 TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the full traceback of a user error.")
 
@@ -30,7 +33,8 @@ def main(argv):
       return eval_lib.sample(WORKDIR.value, num=NUM.value, checkpoint=CHECKPOINT.value, seed=SEED.value)
     return eval_lib.evaluate(WORKDIR.value, num_samples=NUM_SAMPLES.value, split=SPLIT.value,
                              checkpoint=CHECKPOINT.value, max_examples=MAX_EXAMPLES.value,
-                             batch_size=BATCH_SIZE.value, chunk_size=CHUNK_SIZE.value, seed=SEED.value)
+                             batch_size=BATCH_SIZE.value, chunk_size=CHUNK_SIZE.value, seed=SEED.value,
+                             diagnostics_examples=DIAG_EXAMPLES.value, diagnostics_samples=DIAG_SAMPLES.value)
 
   sys.exit(cli.run(job, TRACEBACK.value))
 

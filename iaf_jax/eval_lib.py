@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from iaf_jax import checkpoints, config_lib, data as data_lib, objectives, plots, train_lib
+from iaf_jax import checkpoints, config_lib, data as data_lib, diagnostics, objectives, plots, train_lib
 from iaf_jax.models import build_model
 
 @dataclasses.dataclass
@@ -82,10 +82,16 @@ def _split_images(ds: data_lib.Dataset, split: str) -> np.ndarray:
 
 def evaluate(workdir: str, *, num_samples: int = 128, split: str = "test", checkpoint: str = "best",
              max_examples: int = 0, batch_size: int = 0, chunk_size: int = 0, seed: int = 0,
-             progress: bool = True) -> dict:
-  """Importance-sampled log p(x) and ELBO of a trained run; prints a table row, writes workdir/eval_*.json."""
+             progress: bool = True, diagnostics_examples: int = 1000,
+             diagnostics_samples: int = diagnostics.DEFAULT_NUM_SAMPLES) -> dict:
+  """Importance-sampled log p(x) and ELBO of a trained run; prints a table row, writes workdir/eval_*.json.
+
+  The JSON also holds the collapse diagnostics of iaf_jax/diagnostics.py (KL per latent unit, active units)
+  on the first `diagnostics_examples` examples (0 = skip them)."""
   for flag, value, low in (("num_samples", num_samples, 1), ("max_examples", max_examples, 0),
-                           ("batch_size", batch_size, 0), ("chunk_size", chunk_size, 0)):
+                           ("batch_size", batch_size, 0), ("chunk_size", chunk_size, 0),
+                           ("diagnostics_examples", diagnostics_examples, 0),
+                           ("diagnostics_samples", diagnostics_samples, 1)):
     if value < low:
       what = "K" if flag == "num_samples" else "it"
       raise config_lib.ConfigError(f"--{flag}={value}: {what} must be >= {low}")
@@ -135,6 +141,12 @@ def evaluate(workdir: str, *, num_samples: int = 128, split: str = "test", check
       "num_dims": d, "dataset": ds.name, "likelihood": c.model.likelihood, "seconds": time.time() - t0,
       "devices": n_dev,
   }
+  if diagnostics_examples and len(images) >= 2:
+    t1 = time.time()
+    result.update(diagnostics.collapse_diagnostics(
+        run.model, run.params, images[:diagnostics_examples], likelihood=c.model.likelihood,
+        max_value=run.max_value, num_samples=diagnostics_samples, seed=seed))
+    result["diagnostics_seconds"] = time.time() - t1
   path = os.path.join(workdir, f"eval_{split}_{checkpoint}_K{num_samples}.json")
   config_lib.write_json_atomic(path, result)
   print(format_row(result))
