@@ -10,9 +10,10 @@ $(VENV)/bin/python:
 
 install: $(VENV)/bin/python
 
-# The README's test command. Two workers: the machines have 2 cores.
+# The README's test command. Two workers (the machines have 2 cores); one worker per test file, so each
+# module-scoped fixture (a tiny trained run) is built once.
 test: install
-	$(PYTHON) -m pytest -q -n 2 tests
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile tests
 
 # Trains the IAF 2/320 model on the digits images shipped inside scikit-learn (offline), then evaluates
 # it with K=128 importance samples and writes samples and reconstructions to $(WORKDIR)/demo.png.
