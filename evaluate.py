@@ -3,7 +3,7 @@
   python evaluate.py --workdir=DIR --mode=sample [--num=64]"""
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from iaf_jax import cli
 

@@ -2,7 +2,7 @@
 Rerunning the same command resumes the run in --workdir from its latest checkpoint."""
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from iaf_jax import cli

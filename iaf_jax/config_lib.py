@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Optional
 
 import ml_collections
 
@@ -11,6 +12,7 @@ from iaf_jax import data as data_lib
 
 CONFIG_FILE = "config.json"
 DATA_INFO_FILE = "data_info.json"  # image shape and pixel range: what a model is built for
+METRICS_FILE = "metrics.jsonl"     # one JSON record per line, appended by train_lib
 # Sections that define what a checkpoint holds: resuming with other values here would mix two runs.
 _IDENTITY_SECTIONS = ("model", "data")
 
@@ -129,3 +131,21 @@ def load_data_info(workdir: str) -> dict:
     raise CheckpointError(f"{workdir}: holds no checkpoint (no {DATA_INFO_FILE}; train into it first)")
   with open(path) as f:
     return json.load(f)
+
+
+def read_metrics_records(workdir: str) -> Optional[list]:
+  """The JSON objects of workdir/metrics.jsonl in order, or None without the file. A line that does not parse
+  (one cut short by a crash mid-write) is left out."""
+  records = []
+  try:
+    with open(os.path.join(workdir, METRICS_FILE)) as f:
+      for line in f:
+        try:
+          rec = json.loads(line)
+        except ValueError:
+          continue
+        if isinstance(rec, dict):
+          records.append(rec)
+  except OSError:
+    return None
+  return records

@@ -15,7 +15,6 @@ commands; the functions below say what each figure shows and how it is computed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -292,21 +291,11 @@ CURVE_KEYS = ("recon", "kl")   # metrics.jsonl: -E log p(x|z) and E[log q(z|x) -
 def training_curves(workdir: str) -> dict:
   """{'step', 'recon', 'kl'} arrays from workdir/metrics.jsonl: the training records (averages over each
   logging interval of the minibatch terms; the last record wins where a resumed run repeats a step)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    raise _config_error(f"{workdir}: no metrics.jsonl (not a training workdir)")
-  by_step = {}
-  with open(path) as f:
-    for line in f:
-      line = line.strip()
-      if not line:
-        continue
-      try:
-        r = json.loads(line)
-      except json.JSONDecodeError:
-        continue  # a line cut short by a crash
-      if all(k in r for k in CURVE_KEYS) and "step" in r:
-        by_step[int(r["step"])] = r
+  from iaf_jax import config_lib
+  records = config_lib.read_metrics_records(workdir)
+  if records is None:
+    raise _config_error(f"{workdir}: no {config_lib.METRICS_FILE} (not a training workdir)")
+  by_step = {int(r["step"]): r for r in records if "step" in r and all(k in r for k in CURVE_KEYS)}
   steps = sorted(by_step)
   return {"step": np.array(steps), **{k: np.array([by_step[s][k] for s in steps], np.float64) for k in CURVE_KEYS}}
 

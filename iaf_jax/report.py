@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import glob
 import io
 import json
 import math
@@ -165,19 +164,10 @@ def load_eval(path: str, split: str, k: Optional[int] = None) -> dict:
 def read_metrics(workdir: str) -> dict:
   """Training steps, wall time and stop reason from metrics.jsonl: its last record with a step (the 'end'
   summary of the last run when there is one). Unreadable lines (a crash mid-write) are ignored; no file -> {}."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  last: dict = {}
-  try:
-    with open(path) as f:
-      for line in f:
-        try:
-          rec = json.loads(line)
-        except ValueError:
-          continue
-        if isinstance(rec, dict) and isinstance(rec.get("step"), (int, float)):
-          last = rec
-  except OSError:
+  records = config_lib.read_metrics_records(workdir)
+  if records is None:
     return {}
+  last: dict = next((r for r in reversed(records) if isinstance(r.get("step"), (int, float))), {})
   return {"train_steps": int(last["step"]) if "step" in last else None,
           "wall_time": last.get("wall_time"), "stop_reason": last.get("reason", "" if last.get("event") else
                                                                      "running or killed")}

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import shlex
 import signal
@@ -119,17 +118,8 @@ def finished_run(workdir: str, config) -> Optional[dict]:
   'end' whose step reached config.train.num_steps, or that stopped early. None otherwise (train.py resumes)."""
   if config is None:
     return None
-  path = os.path.join(workdir, "metrics.jsonl")
-  last = None
-  try:
-    with open(path) as f:
-      for line in f:
-        try:
-          last = json.loads(line)
-        except ValueError:
-          last = None  # a torn last line (killed mid-write): not finished
-  except OSError:
-    return None
+  records = config_lib.read_metrics_records(workdir)
+  last = records[-1] if records else None
   if not isinstance(last, dict) or last.get("event") != "end":
     return None
   reason = str(last.get("reason", ""))
