@@ -85,13 +85,13 @@ _T1 = ["diag", "iaf_d2_w320", "iaf_d2_w1920", "iaf_d4_w1920", "iaf_d8_w1920"]
 _T2 = [n for name in _T1[1:] for n in (name, name + "_const")]
 _R, _P = "report [R], quoted", "paper [P], quoted"
 TABLES = {
-    "1": ("Table 1: MNIST, learnt sigma", "configs/mnist.py", _T1, "nats", "binarized_mnist",
+    "1": ("Table 1: MNIST models, learnt sigma", "configs/mnist.py", _T1, "nats", "binarized_mnist",
           ((_R, ("R1",)), (_P, ("P1",)))),
-    "2": ("Table 2: MNIST, learnt vs constant sigma", "configs/mnist.py", _T2, "nats", "binarized_mnist",
+    "2": ("Table 2: MNIST models, learnt vs constant sigma", "configs/mnist.py", _T2, "nats", "binarized_mnist",
           ((_R, ("R1", "R2")),)),
     "3": ("Table 3: CIFAR-10 baselines (MNIST architecture, discretized logistic)", "configs/cifar10.py",
           ["baseline_" + n for n in _T1], "bits/dim", "cifar10", ((_R, ("R3",)),)),
-    "4": ("Table 4: CIFAR-10 ResNet VAE, bidirectional inference", "configs/cifar10.py",
+    "4": ("Table 4: ResNet VAE, bidirectional inference (CIFAR-10 models)", "configs/cifar10.py",
           [f"rungs{r}_{k}" for r in (4, 8, 20) for k in ("gauss", "iaf")], "bits/dim", "cifar10", ((_R, ("R4",)),)),
 }
 OTHER = "Other runs"

@@ -137,7 +137,7 @@ def test_report_table_holds_the_evaluated_numbers(swept, tmp_path, capsys):
   # the sweep root stands for its workdirs; the failed row's directory (no config.json) is not one
   assert report.main(["--workdirs", root, "--out", out]) == 0
   text = open(out).read()
-  assert "## Table 1: MNIST, learnt sigma (nats)" in text
+  assert "## Table 1: MNIST models, learnt sigma (nats)" in text
   [cells] = _md_rows(text, "diag")
   vlb, log_px, gap = (float(c) for c in cells[2:5])
   assert (vlb, log_px, gap) == (round(r["neg_elbo_nats"], 2), round(r["nll_nats"], 2), round(r["gap_nats"], 2))
