@@ -3,7 +3,12 @@
   python evaluate.py --workdir=DIR --mode=sample [--num=64]"""
 import sys
 
-from absl import flags
+from iaf_jax import hostenv
+
+if __name__ == "__main__":
+  hostenv.reexec_with_hugepages()  # before JAX loads: glibc reads its malloc tunables only at process start
+
+from absl import flags  # noqa: E402
 
 from iaf_jax import cli
 

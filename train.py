@@ -2,7 +2,12 @@
 Rerunning the same command resumes the run in --workdir from its latest checkpoint."""
 import sys
 
-from absl import flags
+from iaf_jax import hostenv
+
+if __name__ == "__main__":
+  hostenv.reexec_with_hugepages()  # before JAX loads: glibc reads its malloc tunables only at process start
+
+from absl import flags  # noqa: E402
 from ml_collections import config_flags
 
 from iaf_jax import cli

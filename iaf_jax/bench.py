@@ -20,7 +20,13 @@ Images are synthetic uint8 of the shape of the config's dataset (MNIST configs 2
 --image_shape overrides), so no dataset files are needed; throughput does not depend on pixel values. With
 N > 1 devices the update step runs as train_lib runs it: a 1-D 'data' mesh over the first N devices, the
 (global) batch sharded over it, the state replicated. On a CPU host extra devices must be requested before
-JAX starts: XLA_FLAGS=--xla_force_host_platform_device_count=N.
+JAX starts: `python -m iaf_jax.bench --devices 1,2` restarts itself with
+XLA_FLAGS=--xla_force_host_platform_device_count=2 (both rows then run in that process, at the same global
+batch). It also restarts with glibc's malloc on transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1,
+see docs/performance.md; IAF_JAX_HUGEPAGES=0 turns that off). Called as a library (main(argv)) it does neither.
+
+  analytic_train_flops_per_image   (MNIST VAE rows) 3 x the forward multiply-adds x 2 of the architecture
+                                   (mnist_vae_analytic_flops; analytic_forward_flops_per_image splits it)
 """
 from __future__ import annotations
 
@@ -241,6 +247,50 @@ def cost_flops(compiled) -> float:
   return float((analysis or {}).get("flops", 0.0))
 
 
+def _conv_macs(out_hw, kernel_hw, c_in, c_out) -> int:
+  return int(np.prod(out_hw)) * int(np.prod(kernel_hw)) * c_in * c_out
+
+
+def mnist_vae_analytic_flops(model_cfg, image_shape) -> dict:
+  """Forward multiply-adds x 2 per image of the MNIST VAE (report Appendix 6.1 as models/mnist_vae.py builds
+  it): convolutions and dense layers only (activations, weight norm and the optimizer are not counted).
+  Transposed convolutions are counted at their useful cost (input pixels x kernel taps), not as the
+  zero-dilated convolution XLA runs. 'train' = 3 x forward (forward, input gradients, weight gradients)."""
+  h, w, c = image_shape
+  sizes = [(h, w)]
+  for s in model_cfg.strides:
+    sizes.append(tuple(-(-d // s) for d in sizes[-1]))
+  enc = dec = 0
+  c_in = c
+  for i, (ch, s) in enumerate(zip(model_cfg.channels, model_cfg.strides)):
+    out = sizes[i + 1]
+    enc += _conv_macs(out, (3, 3), c_in, ch) + _conv_macs(out, (3, 3), ch, ch)
+    if s != 1 or c_in != ch:
+      enc += _conv_macs(out, (1, 1), c_in, ch)
+    c_in = ch
+  top = int(np.prod(sizes[-1])) * model_cfg.channels[-1]
+  k, hd = model_cfg.latent_dim, model_cfg.hidden_dim
+  enc += top * hd + hd * 2 * k
+  out_c = c if model_cfg.likelihood == "bernoulli" else 2 * c
+  in_channels = [out_c] + list(model_cfg.channels[:-1])
+  dec += k * hd + hd * top
+  for i in reversed(range(len(model_cfg.channels))):
+    src, dst, ch_in, ch = sizes[i + 1], sizes[i], model_cfg.channels[i], in_channels[i]
+    if model_cfg.strides[i] == 1:
+      dec += _conv_macs(dst, (3, 3), ch_in, ch) + _conv_macs(dst, (3, 3), ch, ch) + (
+          _conv_macs(dst, (1, 1), ch_in, ch) if ch_in != ch else 0)
+    else:  # UpResBlock: transposed conv (useful taps), 3x3 conv, nearest upsample + 1x1 projection
+      up = tuple(2 * d for d in src)
+      dec += _conv_macs(src, (3, 3), ch_in, ch) + _conv_macs(dst, (3, 3), ch, ch) + _conv_macs(up, (1, 1), ch_in, ch)
+  width = model_cfg.iaf_width
+  flow = model_cfg.iaf_depth * ((k + hd) * width + width * width
+                                + width * k * (2 if model_cfg.learnt_sigma else 1))
+  fwd = {"encoder": 2 * enc, "flow": 2 * flow, "decoder": 2 * dec}
+  fwd["forward"] = sum(fwd.values())
+  fwd["train"] = 3 * fwd["forward"]
+  return fwd
+
+
 def peak_rss_mb() -> float:
   kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   return kib / 1024.0 if sys.platform.startswith("linux") else kib / 2 ** 20  # macOS reports bytes
@@ -332,7 +382,8 @@ class ConfigBench:
     train_batch = jax.device_put(self.images[:batch], by_data)
     step_fn = jax.jit(train_lib.make_train_step(self.model, self.optimizer, likelihood=self.likelihood,
                                                 max_value=self.max_value, free_bits=tc.free_bits,
-                                                ema_decay=tc.ema_decay), donate_argnums=0)
+                                                ema_decay=tc.ema_decay, fused_adamax=train_lib.fused_adamax(tc)),
+                     donate_argnums=0)
     _progress(f"{label}: compiling the update step ({self.num_params:,} parameters)")
     t = time.perf_counter()
     compiled = step_fn.lower(state, train_batch).compile()
@@ -378,6 +429,10 @@ class ConfigBench:
       t_single = median_seconds(lambda: single(single_params, key, 1), args.repeats)
       row.update(ms_per_image_batched=1000 * t_batched / batch, ms_per_image_single=1000 * t_single)
 
+    if config.model.kind == "mnist_vae":
+      analytic = mnist_vae_analytic_flops(config.model, self.image_shape)
+      row.update(analytic_train_flops_per_image=analytic["train"],
+                 analytic_forward_flops_per_image={k: analytic[k] for k in ("encoder", "flow", "decoder")})
     row.update(flops_per_image=flops_per_image, gflops_per_s=flops_per_image * train_ips / 1e9,
                matmul_ceiling_gflops=ceiling, compile_s=compile_s, peak_rss_mb=peak_rss_mb())
     _progress(f"{label}: done ({row['gflops_per_s']:.2f} GFLOP/s; matmul ceiling {ceiling:.1f})")
@@ -401,6 +456,7 @@ def machine_record(args) -> dict:
       "cpus_usable": affinity, "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
       "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
       # A persistent compilation cache turns compile_s into the time to load a cached executable.
       "compilation_cache_dir": jax.config.jax_compilation_cache_dir or "",
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -484,5 +540,29 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     raise SystemExit(2) from None
 
 
+def _command_line_environment(argv: Sequence[str]) -> Optional[dict]:
+  """For `python -m iaf_jax.bench`: the environment to restart in, or None. On a CPU host with fewer devices
+  than --devices asks for, XLA_FLAGS gets --xla_force_host_platform_device_count (it must be set before JAX
+  starts); glibc's malloc gets transparent huge pages (hostenv.hugepages_env; IAF_JAX_HUGEPAGES=0: off)."""
+  from iaf_jax import hostenv
+
+  env = hostenv.hugepages_env() or dict(os.environ)
+  try:
+    wanted = max(parse_args(argv).device_counts)
+  except (BenchError, SystemExit):
+    wanted = 1  # main() reports the bad flag
+  flags = env.get("XLA_FLAGS", "")
+  if wanted > 1 and "xla_force_host_platform_device_count" not in flags and env.get("JAX_PLATFORMS", "cpu") == "cpu":
+    import jax
+    if jax.default_backend() == "cpu" and len(jax.devices()) < wanted:
+      env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={wanted}".strip()
+  return env if env != dict(os.environ) else None
+
+
 if __name__ == "__main__":
+  _env = _command_line_environment(sys.argv[1:])
+  if _env is not None and getattr(sys, "orig_argv", None):
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, _env)
   main()

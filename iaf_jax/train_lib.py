@@ -42,25 +42,95 @@ class TrainState:
 
 # ----------------------------------------------------------------------------- optimizer and step
 
+ADAMAX_EPS = 1e-8  # optax.adamax's default, written out because the fused update repeats its arithmetic
+
+
 def make_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """Adamax (or Adam) with an injectable learning rate, so plateau annealing can change it in the state."""
   def build(learning_rate):
-    opts = {"adamax": optax.adamax, "adam": optax.adam}
-    chain = [opts[train_cfg.optimizer](learning_rate, b1=train_cfg.b1, b2=train_cfg.b2)]
+    if train_cfg.optimizer == "adamax":
+      opt = optax.adamax(learning_rate, b1=train_cfg.b1, b2=train_cfg.b2, eps=ADAMAX_EPS)
+    else:
+      opt = optax.adam(learning_rate, b1=train_cfg.b1, b2=train_cfg.b2)
+    chain = [opt]
     if train_cfg.grad_clip_norm > 0:
       chain.insert(0, optax.clip_by_global_norm(train_cfg.grad_clip_norm))
     return optax.chain(*chain)
   return optax.inject_hyperparams(build)(learning_rate=train_cfg.learning_rate)
 
 
+def fused_adamax(train_cfg: ml_collections.ConfigDict) -> Optional[tuple[float, float, float]]:
+  """(b1, b2, eps) when make_optimizer(train_cfg) is plain Adamax (no clipping), else None: what
+  make_train_step's `fused_adamax` takes."""
+  if train_cfg.optimizer == "adamax" and not train_cfg.grad_clip_norm > 0:
+    return (float(train_cfg.b1), float(train_cfg.b2), ADAMAX_EPS)
+  return None
+
+
 def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
 
 
+def _is_adam_state(x) -> bool:
+  return isinstance(x, optax.ScaleByAdamState)
+
+
+def _apply_update(state, grads, ok: jax.Array, optimizer, ema_decay: float,
+                  adamax: Optional[tuple[float, float, float]]):
+  """(params, ema_params, opt_state) after one step, each unchanged where `ok` is False.
+
+  Generic path: optax's update, then `where(ok, new, old)` per leaf. XLA fuses the update into each of its
+  consumers (new params, new moments, new EMA) separately, so some fusions read an old buffer after another
+  has overwritten it in place (the state is donated), and it copies every parameter and moment leaf each
+  step. With `adamax` = (b1, b2, eps) the arithmetic of optax.adamax is written out leaf by leaf instead:
+  moments first, params from the new moments, EMA from the new params, each leaf written once, in place.
+  """
+  # Warmed-up decay (as TF's ExponentialMovingAverage with num_updates): early on the average follows the
+  # params instead of staying near the initialisation for ~1/(1-decay) steps.
+  decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
+  keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
+  # optax's new state (counts, hyperparameters); on the fused path its moments and updates are unused, and XLA
+  # removes them as dead code.
+  updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+  if adamax is None:
+    params = optax.apply_updates(state.params, updates)
+    ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+    return keep(params, state.params), keep(ema, state.ema_params), keep(new_opt, state.opt_state)
+
+  b1, b2, eps = adamax
+  old_adam = [x for x in jax.tree_util.tree_leaves(state.opt_state, is_leaf=_is_adam_state) if _is_adam_state(x)]
+  if len(old_adam) != 1 or "learning_rate" not in getattr(state.opt_state, "hyperparams", {}):
+    raise ValueError("fused Adamax update: the optimizer state is not make_optimizer's Adamax")
+  old_adam = old_adam[0]
+  lr = state.opt_state.hyperparams["learning_rate"]
+  count_inc = optax.safe_increment(old_adam.count)
+  bias_correction = 1 - b1 ** count_inc
+
+  def leaf(p, g, mu, nu, e):  # optax: update_moment, update_infinity_moment, bias_correction, scale(-lr)
+    mu = jnp.where(ok, (1 - b1) * g + b1 * mu, mu)
+    nu = jnp.where(ok, jnp.maximum(jnp.abs(g) + eps, b2 * nu), nu)
+    step = (-1 * lr).astype(p.dtype) * (mu / bias_correction.astype(mu.dtype) / nu)
+    p = jnp.where(ok, jnp.asarray(p + step).astype(p.dtype), p)
+    e = jnp.where(ok, decay * e + (1.0 - decay) * p, e)
+    return p, mu, nu, e
+
+  treedef = jax.tree_util.tree_structure(state.params)
+  out = [leaf(*xs) for xs in zip(*(treedef.flatten_up_to(t) for t in
+                                   (state.params, grads, old_adam.mu, old_adam.nu, state.ema_params)))]
+  params, mu, nu, ema = (treedef.unflatten([o[i] for o in out]) for i in range(4))
+  new_adam = optax.ScaleByAdamState(count=jnp.where(ok, count_inc, old_adam.count), mu=mu, nu=nu)
+  opt_state = jax.tree_util.tree_map(
+      lambda n, o: new_adam if _is_adam_state(o) else jnp.where(ok, n, o), new_opt, state.opt_state,
+      is_leaf=_is_adam_state)
+  return params, ema, opt_state
+
+
 def make_train_step(model, optimizer: optax.GradientTransformation, *, likelihood: str, max_value: int,
-                    free_bits: float, ema_decay: float) -> Callable:
+                    free_bits: float, ema_decay: float,
+                    fused_adamax: Optional[tuple[float, float, float]] = None) -> Callable:
   """(state, uint8 images) -> (state, metrics): one pure update. A step whose loss or gradients are not
-  finite changes nothing but the step and skip counters."""
+  finite changes nothing but the step and skip counters. `fused_adamax` (`fused_adamax(train_cfg)`, for a
+  plain Adamax optimizer) computes the same update without XLA's per-step copies of the state."""
 
   def train_step(state: TrainState, images: jax.Array):
     key = jax.random.fold_in(state.rng, state.step)
@@ -73,16 +143,9 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, likelihoo
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     ok = jnp.isfinite(loss) & _all_finite(grads)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    # Warmed-up decay (as TF's ExponentialMovingAverage with num_updates): early on the average follows the
-    # params instead of staying near the initialisation for ~1/(1-decay) steps.
-    decay = jnp.minimum(ema_decay, (1.0 + state.step) / (10.0 + state.step))
-    ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
+    params, ema, opt_state = _apply_update(state, grads, ok, optimizer, ema_decay, fused_adamax)
     new_state = state.replace(
-        step=state.step + 1, params=keep(params, state.params), ema_params=keep(ema, state.ema_params),
-        opt_state=keep(opt_state, state.opt_state),
+        step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
         num_nonfinite=state.num_nonfinite + (~ok).astype(jnp.int32),
         consecutive_nonfinite=jnp.where(ok, 0, state.consecutive_nonfinite + 1))
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads), finite=ok.astype(jnp.float32))
@@ -132,6 +195,60 @@ def process_rows(indices: np.ndarray) -> np.ndarray:
   return indices[jax.process_index() * per:(jax.process_index() + 1) * per]
 
 
+def initialize_distributed() -> None:
+  """jax.distributed.initialize() for a multi-host run. Clusters JAX detects (TPU pods, SLURM, Open MPI,
+  Kubernetes...) need nothing; elsewhere JAX_COORDINATOR_ADDRESS (host:port of process 0), JAX_NUM_PROCESSES
+  and JAX_PROCESS_ID say it (JAX itself reads only the first). CPU hosts exchange gradients through gloo."""
+  if jax.distributed.is_initialized():
+    return
+  env = {k: os.environ.get(k) for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
+  try:
+    num = int(env["JAX_NUM_PROCESSES"]) if env["JAX_NUM_PROCESSES"] else None
+    pid = int(env["JAX_PROCESS_ID"]) if env["JAX_PROCESS_ID"] else None
+  except ValueError:
+    raise config_lib.ConfigError(f"JAX_NUM_PROCESSES / JAX_PROCESS_ID must be integers, got {env}") from None
+  if jax.config.jax_cpu_collectives_implementation is None:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(num_processes=num, process_id=pid)
+
+
+def replicate(tree, mesh: Mesh):
+  """A pytree (the same values on every process) -> global arrays replicated over the mesh. On one host a
+  device_put; across hosts each process supplies its copy, since arrays may not be moved between processes."""
+  sharding = NamedSharding(mesh, P())
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def put(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return x  # already a global array (restored from a checkpoint with this sharding)
+    return jax.make_array_from_process_local_data(sharding, np.asarray(jax.device_get(x)))
+  return jax.tree_util.tree_map(put, tree)
+
+
+def prefetch_batches(mesh: Mesh, images: np.ndarray, batch_size: int, first_step: int, seed: int,
+                     size: int = 2):
+  """Yields the global batch of each step from `first_step` on, sharded over the mesh's 'data' axis, each
+  process loading only its rows. `size` batches are in flight ahead of the one yielded: their host-to-device
+  copies are issued (asynchronously) while earlier steps compute, so a step never waits for its input."""
+  queue: list = []
+  step = first_step
+  while True:
+    while len(queue) <= size:
+      idx = process_rows(data_lib.batch_indices(len(images), batch_size, step + len(queue), seed))
+      queue.append(global_batch(mesh, images[idx]))
+    yield queue.pop(0)
+    step += 1
+
+
+def _maybe_gather(x: jax.Array) -> np.ndarray:
+  """A (possibly multi-host) global array -> its full value as numpy on every process."""
+  if x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 # ----------------------------------------------------------------------------- the loop
 
 MAX_STEPS_IN_FLIGHT = 2
@@ -170,9 +287,9 @@ def validation_neg_elbo(eval_fn, params, images: np.ndarray, mesh: Mesh, batch_s
     chunk = images[start:start + bs]
     pad = bs - len(chunk)
     padded = np.concatenate([chunk, np.repeat(chunk[:1], pad, axis=0)]) if pad else chunk
-    vals = eval_fn(params, jax.device_put(padded, NamedSharding(mesh, P("data"))),
-                   jax.random.fold_in(jax.random.PRNGKey(seed), start))
-    vals = np.asarray(jax.device_get(vals))[:len(chunk)]
+    rows = process_rows(np.arange(bs))  # each process supplies its rows of the (same) padded chunk
+    vals = eval_fn(params, global_batch(mesh, padded[rows]), jax.random.fold_in(jax.random.PRNGKey(seed), start))
+    vals = _maybe_gather(vals)[:len(chunk)]
     total, count = total + float(vals.sum()), count + len(chunk)
   return total / max(count, 1)
 
@@ -185,7 +302,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_lib.validate_config(config)
   tc = config.train
   if tc.distributed:
-    jax.distributed.initialize()
+    initialize_distributed()
   checkpoints.check_workdir_writable(workdir)
   config_lib.check_config_compatible(config, workdir)  # before any work; saved only once every check passed
 
@@ -202,7 +319,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     raise config_lib.ConfigError(f"config.train.batch_size={tc.batch_size} must be a multiple of the "
                                  f"{n_dev} devices")
   model = build_model(config.model, ds.image_shape)
-  config_lib.save_config(config, workdir)
+  if jax.process_index() == 0:  # one writer: hosts sharing the workdir would race on config.json.tmp
+    config_lib.save_config(config, workdir)
   optimizer = make_optimizer(tc)
   lik, maxv = config.model.likelihood, ds.max_value
 
@@ -219,9 +337,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   else:
     log.info("resumed %s at step %d", workdir, int(state.step))
 
-  state = jax.device_put(state, replicated)
+  state = replicate(state, mesh)
   train_step = jax.jit(make_train_step(model, optimizer, likelihood=lik, max_value=maxv, free_bits=tc.free_bits,
-                                       ema_decay=tc.ema_decay), donate_argnums=0)
+                                       ema_decay=tc.ema_decay, fused_adamax=fused_adamax(tc)), donate_argnums=0)
   eval_fn = jax.jit(make_eval_elbo(model, likelihood=lik, max_value=maxv))
   valid = ds.valid[:config.eval.valid_examples]
   metrics_path = os.path.join(workdir, "metrics.jsonl")
@@ -235,15 +353,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def save(st, best=False):
     meta["wall_time"] = wall0 + time.time() - t0
+    if best and jax.process_count() > 1:
+      # Orbax names its multi-host barriers after the step, so the latest and best managers saving one step at
+      # once collide ("Barrier _async_write_complete.N is already ongoing"): one after the other.
+      manager.save(int(st.step), st, meta)
+      manager.wait()
     manager.save(int(st.step), st, meta, best=best)
 
+  batches = prefetch_batches(mesh, ds.train, tc.batch_size, step, config.seed)
+  train_losses: list = []   # (step, mean loss over the logging interval), returned for multi-host checks
   try:
     while step < tc.num_steps:
       if stop.signal is not None:
         stop_reason = f"signal {signal.Signals(stop.signal).name}"
         break
-      idx = process_rows(data_lib.batch_indices(len(ds.train), tc.batch_size, step, config.seed))
-      state, metrics = train_step(state, global_batch(mesh, ds.train[idx]))
+      state, metrics = train_step(state, next(batches))
       pending.append(metrics)
       step += 1
       if len(pending) > MAX_STEPS_IN_FLIGHT:
@@ -256,6 +380,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         host = jax.device_get(pending)
         pending = []
         record = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+        train_losses.append((step, record["loss"]))
         record.update(step=step, lr=float(state.opt_state.hyperparams["learning_rate"]),
                       skipped_steps=int(state.num_nonfinite), wall_time=wall0 + time.time() - t0)
         if jax.process_index() == 0:
@@ -279,8 +404,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if (not improved and tc.lr_plateau_patience and meta["bad_evals"] % tc.lr_plateau_patience == 0
             and lr > tc.min_learning_rate):
           lr = max(lr * tc.lr_plateau_factor, tc.min_learning_rate)
-          hp = dict(state.opt_state.hyperparams, learning_rate=jax.device_put(jnp.asarray(lr, jnp.float32),
-                                                                               replicated))
+          hp = dict(state.opt_state.hyperparams, learning_rate=replicate(np.float32(lr), mesh))
           state = state.replace(opt_state=state.opt_state._replace(hyperparams=hp))
         if jax.process_index() == 0:
           _append_jsonl(metrics_path, {"step": step, "valid_neg_elbo": v, "best_valid_neg_elbo": meta["best_valid"],
@@ -309,4 +433,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if jax.process_index() == 0:
     _append_jsonl(metrics_path, summary)
     sys.stderr.write(f"\n{json.dumps(summary)}\n")
-  return summary
+  return dict(summary, train_losses=train_losses)

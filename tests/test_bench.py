@@ -14,7 +14,7 @@ import jax
 import pytest
 
 from helpers import REPO
-from iaf_jax import bench
+from iaf_jax import bench, hostenv
 
 MACHINE_KEYS = ("platform", "device_kind", "cpu_count", "jax", "date")
 
@@ -28,7 +28,9 @@ def _run_bench(*args, timeout=300):
 
 def test_quick_bench_json(tmp_path):
   out = tmp_path / "bench.json"
-  proc = _run_bench("--configs", "mnist:diag", "--batch", "8,16", "--devices", "1", "--is_examples", "8",
+  env_before = {k: v for k, v in os.environ.items() if "force_host_platform_device_count" not in v}
+  # --devices 1,2 on a 1-device CPU host: the bench restarts itself with 2 forced host devices.
+  proc = _run_bench("--configs", "mnist:diag", "--batch", "8,16", "--devices", "1,2", "--is_examples", "8",
                     "--quick", "--json", str(out))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "compiling the update step" in proc.stderr      # progress goes to stderr
@@ -40,8 +42,13 @@ def test_quick_bench_json(tmp_path):
     assert machine.get(key), key
   assert machine["jax"] == jax.__version__
 
+  assert machine["num_devices"] >= 2 and "xla_force_host_platform_device_count=2" in machine["xla_flags"]
+  if hostenv.hugepages_env(env_before) is not None:   # Linux, glibc, THP available: restarted with them
+    assert hostenv.HUGEPAGES_TUNABLE in machine["glibc_tunables"]
+
   rows = result["rows"]
-  assert [(r["config"], r["batch"], r["devices"]) for r in rows] == [("mnist:diag", 8, 1), ("mnist:diag", 16, 1)]
+  assert [(r["config"], r["batch"], r["devices"]) for r in rows] == [
+      ("mnist:diag", 8, 1), ("mnist:diag", 8, 2), ("mnist:diag", 16, 1), ("mnist:diag", 16, 2)]
   for r in rows:
     missing = set(bench.REQUIRED_KEYS) - set(r)
     assert not missing, missing
@@ -54,8 +61,17 @@ def test_quick_bench_json(tmp_path):
     # A training step does at least a forward (2 flops per weight use) and a backward pass per image.
     assert r["flops_per_image"] > 4 * r["num_params"], r
     assert r["matmul_ceiling_gflops"] == machine["matmul_ceiling_gflops"]
+    # The architecture's count (3 x forward multiply-adds x 2) and XLA's agree roughly: XLA skips the taps that
+    # fall on SAME padding, counts elementwise work and the zeros of dilated (transposed) convolutions.
+    assert 0.5 < r["flops_per_image"] / r["analytic_train_flops_per_image"] < 2.0, r
+    fwd = r["analytic_forward_flops_per_image"]
+    assert fwd["flow"] == 0 and fwd["encoder"] > 0 and fwd["decoder"] > 0   # diag: no IAF
 
-  small, large = rows
+  # Same global batch on 1 and 2 devices: about the same cost per image in total; a little more on 2, where
+  # every device repeats the per-parameter work (weight norm, optimizer, EMA) on its replica.
+  for one, two in (rows[0:2], rows[2:4]):
+    assert one["flops_per_image"] <= two["flops_per_image"] <= 1.5 * one["flops_per_image"], (one, two)
+  small, large = rows[0], rows[2]
   # Per-image cost: most of the step scales with the batch, so dividing by it gives about the same number.
   assert large["flops_per_image"] == pytest.approx(small["flops_per_image"], rel=0.2)
   assert large["num_params"] == small["num_params"]
@@ -107,6 +123,15 @@ class _FakeCompiled:
 
   def cost_analysis(self):
     return self.analysis
+
+
+def test_analytic_flops_of_the_report_architecture():
+  """Appendix 6.1 by hand: encoder convs 3.56 M multiply-adds, IAF 8/1920 steps 4.73 M each."""
+  config, shape = bench.load_config("mnist:iaf_d8_w1920", [], quick=False)
+  f = bench.mnist_vae_analytic_flops(config.model, shape)
+  assert f["encoder"] == 2 * 3_562_240
+  assert f["flow"] == 2 * 8 * (482 * 1920 + 1920 * 1920 + 1920 * 64)
+  assert f["train"] == 3 * (f["encoder"] + f["flow"] + f["decoder"])
 
 
 def test_cost_flops_dict_or_list():

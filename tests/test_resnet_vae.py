@@ -75,7 +75,7 @@ def elbo_of(out):
 
 @pytest.mark.parametrize("depth,num_blocks,hw", [(2, 2, 16), (2, 4, 16), (1, 20, 8)])
 def test_output_shapes(depth, num_blocks, hw):
-  model = ResNetVAE(image_shape=(hw, hw, 3), h_size=8, z_size=4, depth=depth, num_blocks=num_blocks)
+  model = ResNetVAE(image_shape=(hw, hw, 3), h_size=8, z_size=4, depth=depth, num_blocks=num_blocks, scan_rungs=True)
   batch = 3
   x = jax.ShapeDtypeStruct((batch, hw, hw, 3), jnp.float32)
   # Shapes only (abstract evaluation: no compile), which keeps the 20-rung case fast.
@@ -242,7 +242,7 @@ def test_free_bits_per_rung(tiny):
     np.testing.assert_allclose(fb_grad(lam)[0], np.maximum(lam, kl).sum(), rtol=1e-5)
   # Rung 0 (the bottom one) has parameters that feed no other rung's KL: its IAF step and its top-down conv
   # (whose h_det goes on to the decoder only). Through them the KL term has a gradient at lambda = 0 ...
-  own = lambda g: [g["params"]["stages_0"]["iaf_step"], g["params"]["stages_0"]["down_conv1"]]  # rung 0 alone
+  own = lambda g: [g["params"]["rungs_0"]["iaf_step"], g["params"]["rungs_0"]["down_conv1"]]
   max_abs = lambda tree: max(float(jnp.abs(a).max()) for a in jax.tree_util.tree_leaves(tree))
   assert max_abs(own(g_all)) > 0
   # ... and none once rung 0's mean KL is below lambda: free bits cut the gradient of that rung's KL.

@@ -1,0 +1,231 @@
+"""The update step on devices and hosts: two processes on localhost (jax.distributed, gloo CPU collectives)
+train the tiny model to the losses of one process with the same global batch; the step compiles once per run;
+batches are prefetched; the fused Adamax update equals optax's."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import REPO, tiny_config
+from iaf_jax import hostenv, train_lib
+from iaf_jax.models import build_model
+
+# Few steps, a loss logged every step, one validation (the multi-host gather) and at the same step the best and
+# the final checkpoint (orbax across both processes).
+RUN = {"train.num_steps": 4, "train.log_every": 1, "train.eval_every": 4, "train.checkpoint_every": 100,
+       "train.early_stopping_patience": 0, "train.lr_plateau_patience": 0}
+
+WORKER = r'''
+import json, sys
+from helpers import tiny_config
+from iaf_jax import hostenv, train_lib
+import jax
+summary = train_lib.train_and_evaluate(tiny_config(**json.loads(sys.argv[2])), sys.argv[1])
+print("RESULT " + json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
+                              "devices": jax.device_count(), "step": summary["step"],
+                              "losses": summary["train_losses"]}), flush=True)
+'''
+
+
+def _free_port() -> int:
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _start(script: str, workdir: str, overrides: dict, env: dict) -> subprocess.Popen:
+  # The losses are compared between programs compiled alike, so LLVM's optimisations can be skipped (the same
+  # HLO, compiled several times faster).
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]), JAX_PLATFORMS="cpu",
+             XLA_FLAGS=" ".join(flags + ["--xla_backend_optimization_level=0"]), IAF_JAX_HUGEPAGES="0", **env)
+  return subprocess.Popen([sys.executable, script, workdir, json.dumps(overrides)], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _results(procs: dict, timeout: float) -> dict:
+  """Waits for every process (name -> Popen); their RESULT records by name. Kills them all on any failure."""
+  deadline = time.monotonic() + timeout
+  outs = {}
+  try:
+    for name, p in procs.items():
+      try:
+        outs[name] = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+      except subprocess.TimeoutExpired:
+        pytest.fail(f"{name} did not finish within {timeout:.0f}s (a hung collective or coordinator?)")
+  finally:
+    for p in procs.values():
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  results = {}
+  for name, p in procs.items():
+    out, err = outs[name]
+    lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
+    assert p.returncode == 0 and lines, f"{name} failed (exit {p.returncode}):\n{err[-4000:]}"
+    results[name] = json.loads(lines[-1][len("RESULT "):])
+  return results
+
+
+def test_two_processes_match_one(tmp_path):
+  """One jax.distributed job of two processes on localhost (one CPU device each, the global batch of 16 split
+  8 + 8, gradients all-reduced over gloo) and, at the same time, one process alone with the whole batch."""
+  script = tmp_path / "worker.py"
+  script.write_text(WORKER)
+  port = _free_port()
+  procs = {f"process {i} of 2": _start(str(script), str(tmp_path / "two"), {**RUN, "train.distributed": True},
+                                       {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+                                        "JAX_PROCESS_ID": str(i)})
+           for i in range(2)}
+  procs["one process"] = _start(str(script), str(tmp_path / "one"), RUN, {})
+  results = _results(procs, timeout=240)
+  single = results.pop("one process")
+
+  assert (single["processes"], single["devices"]) == (1, 1)
+  assert [(r["process"], r["processes"], r["devices"]) for r in results.values()] == [(0, 2, 2), (1, 2, 2)]
+  expected = np.array([loss for _, loss in single["losses"]])
+  assert [s for s, _ in single["losses"]] == [1, 2, 3, 4]
+  for name, r in results.items():
+    assert r["step"] == 4 and [s for s, _ in r["losses"]] == [1, 2, 3, 4]
+    # Same global batch, same keys: only the order of the gradient sums differs.
+    np.testing.assert_allclose([loss for _, loss in r["losses"]], expected, rtol=1e-5, err_msg=f"{name} vs one")
+  # Process 0 alone writes the metrics; both write the checkpoint (the best and the last: step 4).
+  recs = [json.loads(l) for l in open(tmp_path / "two" / "metrics.jsonl")]
+  assert [r["step"] for r in recs if "neg_elbo" in r] == [1, 2, 3, 4]
+  assert sorted(int(s) for s in os.listdir(tmp_path / "two" / "checkpoints")) == [4]
+  assert sorted(int(s) for s in os.listdir(tmp_path / "two" / "best")) == [4]
+
+
+def test_update_step_compiles_once_and_batches_are_prefetched(tmp_path, monkeypatch):
+  """Across a run with logging, validation, checkpoints and a learning-rate change, the update step is traced
+  and compiled once; every batch is on the device before the step that uses it is dispatched."""
+  traces, jitted = [], []
+  make = train_lib.make_train_step
+
+  def counting_make(*args, **kwargs):
+    step = make(*args, **kwargs)
+
+    def counted(state, images):
+      traces.append(images.shape)
+      return step(state, images)
+    return counted
+
+  real_jit = jax.jit
+
+  def recording_jit(fn, *args, **kwargs):
+    j = real_jit(fn, *args, **kwargs)
+    if getattr(fn, "__name__", "") == "counted":
+      jitted.append(j)
+    return j
+
+  prefetched = []
+  real_prefetch = train_lib.prefetch_batches
+
+  def recording_prefetch(*args, **kwargs):
+    for batch in real_prefetch(*args, **kwargs):
+      prefetched.append(batch)
+      yield batch
+
+  monkeypatch.setattr(train_lib, "make_train_step", counting_make)
+  monkeypatch.setattr(train_lib.jax, "jit", recording_jit)
+  monkeypatch.setattr(train_lib, "prefetch_batches", recording_prefetch)
+  # Validation every 2 steps without improvement (patience 1) halves the learning rate in the state.
+  cfg = tiny_config(**{"train.num_steps": 8, "train.log_every": 2, "train.eval_every": 2,
+                       "train.checkpoint_every": 4, "train.lr_plateau_patience": 1, "train.lr_plateau_factor": 0.5,
+                       "train.early_stopping_patience": 0, "train.learning_rate": 1e-9,
+                       "train.min_learning_rate": 1e-12})
+  train_lib.train_and_evaluate(cfg, str(tmp_path / "run"))
+  monkeypatch.undo()
+  recs = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+  assert len({r["lr"] for r in recs if "lr" in r}) > 1, "the run was meant to change the learning rate"
+  assert len(traces) == 1, f"the update step was traced {len(traces)} times"
+  assert len(jitted) == 1 and jitted[0]._cache_size() == 1
+  assert len(prefetched) == 8
+  assert all(isinstance(b, jax.Array) and b.committed and b.shape == (16, 8, 8, 1) for b in prefetched)
+
+
+def test_prefetch_batches_follow_the_step_order():
+  mesh = train_lib.make_mesh()
+  images = np.arange(40, dtype=np.uint8).reshape(40, 1, 1, 1)
+  it = train_lib.prefetch_batches(mesh, images, 8, first_step=3, seed=5)
+  from iaf_jax import data as data_lib
+  for step in range(3, 9):
+    np.testing.assert_array_equal(np.asarray(next(it)), images[data_lib.batch_indices(40, 8, step, 5)])
+
+
+def _tiny_state():
+  """The tiny model with a discretized logistic likelihood: a NaN pixel makes the loss NaN (a Bernoulli
+  model would binarise it)."""
+  cfg = tiny_config(**{"model.likelihood": "logistic"})
+  model = build_model(cfg.model, (8, 8, 1))
+  opt = train_lib.make_optimizer(cfg.train)
+  images = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 1)).astype(np.float32)
+  return cfg, model, opt, images, train_lib.init_state(model, opt, images, 0, likelihood="logistic", max_value=255)
+
+
+def _assert_trees_close(a, b, rtol, atol):
+  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
+    x, y = np.asarray(x), np.asarray(y)
+    if np.issubdtype(x.dtype, np.floating):
+      np.testing.assert_allclose(y, x, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
+    else:
+      np.testing.assert_array_equal(y, x, err_msg=jax.tree_util.keystr(path))
+
+
+def test_fused_adamax_update_equals_optax():
+  """Given the same gradients, the leaf-by-leaf Adamax update gives optax's params, moments, counts and EMA,
+  also across a skipped (non-finite) step: integers exactly, floats to rounding (XLA contracts multiply-adds
+  into FMAs differently in differently fused programs; a wrong formula, such as a missing bias correction, is
+  off by percents)."""
+  cfg, _, opt, _, state = _tiny_state()
+  rng = np.random.default_rng(1)
+  update = lambda adamax: jax.jit(lambda s, g, ok: s.replace(step=s.step + 1, **dict(zip(
+      ("params", "ema_params", "opt_state"), train_lib._apply_update(s, g, ok, opt, 0.99, adamax)))))
+  generic, fused = update(None), update(train_lib.fused_adamax(cfg.train))
+  assert train_lib.fused_adamax(cfg.train) == (cfg.train.b1, cfg.train.b2, train_lib.ADAMAX_EPS)
+  a = b = state
+  for i in range(5):
+    grads = jax.tree_util.tree_map(lambda p: rng.normal(size=p.shape).astype(np.float32), state.params)
+    ok = jnp.asarray(i != 2)  # step 2 is skipped: nothing may change
+    a, b = generic(a, grads, ok), fused(b, grads, ok)
+  _assert_trees_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("nonfinite_at", [None, 2])
+def test_fused_adamax_train_step_matches_optax(nonfinite_at):
+  """The whole update step with either update: the same state after a few steps, a non-finite one included
+  (the gradients themselves differ by rounding between the two compiled programs)."""
+  cfg, model, opt, images, state = _tiny_state()
+  kw = dict(likelihood="logistic", max_value=255, free_bits=0.0, ema_decay=0.99)
+  generic = jax.jit(train_lib.make_train_step(model, opt, **kw))
+  fused = jax.jit(train_lib.make_train_step(model, opt, fused_adamax=train_lib.fused_adamax(cfg.train), **kw))
+  a = b = state
+  for i in range(4):
+    x = images.copy()
+    if i == nonfinite_at:
+      x[0, 0, 0, 0] = np.nan
+    a, ma = generic(a, jnp.asarray(x))
+    b, mb = fused(b, jnp.asarray(x))
+    assert float(ma["finite"]) == float(mb["finite"]) == (0.0 if i == nonfinite_at else 1.0)
+  _assert_trees_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_adamax_only_for_plain_adamax():
+  assert train_lib.fused_adamax(tiny_config(**{"train.optimizer": "adam"}).train) is None
+  assert train_lib.fused_adamax(tiny_config(**{"train.grad_clip_norm": 1.0}).train) is None
+
+
+def test_hugepages_env(monkeypatch):
+  env = hostenv.hugepages_env({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+  if env is not None:  # Linux with glibc and THP available
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:" + hostenv.HUGEPAGES_TUNABLE
+    assert hostenv.hugepages_env(env) is None   # already set: no second restart
+  assert hostenv.hugepages_env({"IAF_JAX_HUGEPAGES": "0"}) is None
