@@ -362,8 +362,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   batches = prefetch_batches(mesh, ds.train, tc.batch_size, step, config.seed)
   train_losses: list = []   # (step, mean loss over the logging interval), returned for multi-host checks
+  # A run that stopped early stays stopped when its command is rerun (raise the patience to continue it).
+  stopped_early = bool(tc.early_stopping_patience and meta["bad_evals"] >= tc.early_stopping_patience)
+  if stopped_early:
+    stop_reason = (f"early stopping after {meta['bad_evals']} evaluations without improvement (stopped before; "
+                   f"raise train.early_stopping_patience to continue)")
   try:
-    while step < tc.num_steps:
+    while step < tc.num_steps and not stopped_early:
       if stop.signal is not None:
         stop_reason = f"signal {signal.Signals(stop.signal).name}"
         break

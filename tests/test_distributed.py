@@ -229,3 +229,18 @@ def test_hugepages_env(monkeypatch):
     assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:" + hostenv.HUGEPAGES_TUNABLE
     assert hostenv.hugepages_env(env) is None   # already set: no second restart
   assert hostenv.hugepages_env({"IAF_JAX_HUGEPAGES": "0"}) is None
+
+
+def test_an_early_stopped_run_stays_stopped_when_rerun(tmp_path):
+  """Rerunning the command of a run that stopped early (patience 1, a learning rate too small to improve)
+  trains no further step; a larger patience continues it."""
+  overrides = {"train.num_steps": 12, "train.log_every": 2, "train.eval_every": 2, "train.checkpoint_every": 2,
+               "train.early_stopping_patience": 1, "train.lr_plateau_patience": 0, "train.learning_rate": 1e-12}
+  workdir = str(tmp_path / "run")
+  first = train_lib.train_and_evaluate(tiny_config(**overrides), workdir)
+  assert first["reason"].startswith("early stopping") and first["step"] < 12
+  again = train_lib.train_and_evaluate(tiny_config(**overrides), workdir)
+  assert again["step"] == first["step"] and again["reason"].startswith("early stopping")
+  assert again["train_losses"] == []
+  more = train_lib.train_and_evaluate(tiny_config(**dict(overrides, **{"train.early_stopping_patience": 50})), workdir)
+  assert more["step"] == 12
