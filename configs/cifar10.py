@@ -65,8 +65,8 @@ def base_config() -> ml_collections.ConfigDict:
   m.input_stride = 2                  # [H] first layer conv 5x5 stride 2 (32x32 -> 16x16)
   m.shared_log_scale = True           # [H] ONE learned scalar log-scale `dec_log_stdv` for all sub-pixels
   m.mixture_components = 0            # 0 = single discretized logistic ([H]); > 0 = per-sub-pixel mixture
-  m.scan_rungs = False                # True: scan runs of identical rungs: 20 rungs compile in 36 s, not
-  #                                     minutes, but XLA:CPU trains ~30x slower scanned (measured); for GPU/TPU
+  m.scan_rungs = False                # True: scan runs of identical rungs (one compiled body); on XLA:CPU no
+  #                                     faster to compile here and ~30x slower to train (measured; README)
   m.kl_groups = "rung"                # free-bits groups: one per rung ([R] Eq. 14); 'channel' = [H] tf_train
   #                                     (max(kl, kl_min) per latent channel of each rung)
   return c
