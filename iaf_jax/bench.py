@@ -40,7 +40,7 @@ import platform
 import resource
 import sys
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -220,15 +220,12 @@ def _check_overrides_exist(specs, overrides):
 
 # ----------------------------------------------------------------------------- measurements
 
-def median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> float:
-  from iaf_jax.eval_lib import median_seconds as _median  # one home for the timing rule
-  return _median(fn, repeats, warmup)
-
-
 def matmul_ceiling_gflops(n: int, repeats: int) -> float:
   """GFLOP/s of a float32 n x n x n matmul on the default device (median of `repeats`)."""
   import jax
   import jax.numpy as jnp
+
+  from iaf_jax.eval_lib import median_seconds
 
   k1, k2 = jax.random.split(jax.random.PRNGKey(0))
   a = jax.random.normal(k1, (n, n), jnp.float32)
@@ -301,15 +298,16 @@ def synthetic_images(key: int, n: int, shape, max_value: int) -> np.ndarray:
 
 
 def make_mesh(num_devices: int):
+  """train_lib's mesh over the first `num_devices` devices; a clear error when there are fewer."""
   import jax
-  from jax.sharding import Mesh
+  from iaf_jax import train_lib
 
   available = jax.devices()
   if len(available) < num_devices:
     raise BenchError(
         f"--devices {num_devices}: JAX sees {len(available)} {available[0].platform} device(s); on a CPU host set "
         f"XLA_FLAGS=--xla_force_host_platform_device_count={num_devices} in the environment before starting python")
-  return Mesh(np.array(available[:num_devices]), ("data",))
+  return train_lib.make_mesh(num_devices)
 
 
 class ConfigBench:
@@ -364,6 +362,7 @@ class ConfigBench:
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from iaf_jax import train_lib
+    from iaf_jax.eval_lib import median_seconds  # one home for the timing rule
 
     args, config = self.args, self.config
     if batch % num_devices:
@@ -403,7 +402,8 @@ class ConfigBench:
     _progress(f"{label}: compiled in {compile_s:.1f}s; timing {args.repeats} x {args.steps} update steps")
     train_s = median_seconds(run_steps, args.repeats)
     train_ips = batch * args.steps / train_s
-    del holder, state
+    holder.clear()  # frees the trained state before the evaluation measurements
+    del state
 
     row = {"config": self.spec, "batch": batch, "devices": num_devices, "model_kind": config.model.kind,
            "image_shape": list(self.image_shape), "num_params": self.num_params, "steps": args.steps,

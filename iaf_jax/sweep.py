@@ -200,6 +200,16 @@ def sweep(*, config_path: str, rows: list[str], root: str, extra: list[str], per
   stop = _Stop()
   old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
   done, failed = [], []
+
+  def launch(row, prefix, stage, noun, cmd) -> bool:
+    """Runs one child process of a row (echoing its command); False, and the failure recorded, if it failed."""
+    print(f"  $ {shlex.join(cmd)}", flush=True)
+    rc, line = run_command(cmd, stop)
+    if rc != 0 and stop.signal is None:
+      failed.append((row, stage, rc, line))
+      print(f"{prefix}: FAILED {noun} (exit {rc}): {line}", flush=True)
+    return rc == 0
+
   t_start = time.time()
   try:
     for i, (row, workdir, overrides, config, why) in enumerate(plans, 1):
@@ -213,18 +223,15 @@ def sweep(*, config_path: str, rows: list[str], root: str, extra: list[str], per
         trained = "already trained"
       else:
         print(f"{prefix}: training into {workdir}", flush=True)
-        print(f"  $ {shlex.join(train_command(config_path, row, workdir, overrides))}", flush=True)
         t0 = time.time()
-        rc, line = run_command(train_command(config_path, row, workdir, overrides), stop)
+        ok = launch(row, prefix, "train", "training", train_command(config_path, row, workdir, overrides))
         if stop.signal is not None:
           break
-        if rc != 0:
-          failed.append((row, "train", rc, line))
-          print(f"{prefix}: FAILED training (exit {rc}): {line}", flush=True)
+        if not ok:
           continue
         if config is not None and finished_run(workdir, config) is None:
           # train.py exited cleanly without reaching num_steps: it was stopped (a signal it saw) - rerun resumes.
-          failed.append((row, "train", rc, "the run did not finish (stopped early); rerun the sweep to resume"))
+          failed.append((row, "train", 0, "the run did not finish (stopped early); rerun the sweep to resume"))
           print(f"{prefix}: training stopped before num_steps; rerun to resume", flush=True)
           continue
         trained = f"trained in {time.time() - t0:.0f}s"
@@ -240,15 +247,11 @@ def sweep(*, config_path: str, rows: list[str], root: str, extra: list[str], per
           print(f"{prefix}: {os.path.basename(path)} exists; not re-evaluating", flush=True)
           evaluated = f", {os.path.basename(path)} kept"
         else:
-          cmd = eval_command(workdir, k, split, max_examples)
           print(f"{prefix}: evaluating (K={k}, {split} split)", flush=True)
-          print(f"  $ {shlex.join(cmd)}", flush=True)
-          rc, line = run_command(cmd, stop)
+          ok = launch(row, prefix, "evaluate", "evaluation", eval_command(workdir, k, split, max_examples))
           if stop.signal is not None:
             break
-          if rc != 0:
-            failed.append((row, "evaluate", rc, line))
-            print(f"{prefix}: FAILED evaluation (exit {rc}): {line}", flush=True)
+          if not ok:
             continue
           evaluated = f", wrote {os.path.basename(path)}"
       done.append((row, trained + evaluated))

@@ -179,9 +179,10 @@ def init_state(model, optimizer, images: np.ndarray, seed: int, *, likelihood: s
 
 # ----------------------------------------------------------------------------- devices
 
-def make_mesh() -> Mesh:
-  """A 1-D 'data' mesh over every device of every host: batch sharded, parameters replicated."""
-  return Mesh(np.asarray(jax.devices()), ("data",))
+def make_mesh(num_devices: Optional[int] = None) -> Mesh:
+  """A 1-D 'data' mesh over every device of every host (or the first `num_devices`): batch sharded,
+  parameters replicated."""
+  return Mesh(np.asarray(jax.devices()[:num_devices]), ("data",))
 
 
 def global_batch(mesh: Mesh, local_images: np.ndarray) -> jax.Array:
