@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import sys
+import traceback
 import uuid
 from typing import Any, Callable, Optional
 
@@ -171,6 +172,9 @@ def _is_abandoned_read_log(record: logging.LogRecord) -> bool:
   if "exception was never retrieved" not in str(record.msg):  # Task / Future / _GatheringFuture
     return True
   text = record.getMessage()
+  if record.exc_info and record.exc_info[1] is not None:  # a _GatheringFuture names orbax only in its traceback
+    text += "".join(traceback.format_exception(*record.exc_info))
+  text = text.lower()
   return not any(s in text for s in ("async_deserialize", "tensorstore", f"orbax{os.sep}checkpoint"))
 
 
