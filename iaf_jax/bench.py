@@ -6,6 +6,8 @@
 One row per (config, batch, devices), every time measured after compilation with `jax.block_until_ready`:
 
   train_images_per_s     batch * steps / median over --repeats of the time of --steps update steps
+  train_cpu_ms_per_step  user + system CPU time of the process per update step over those timings: on a shared
+                         host, a steadier comparison than wall time (other jobs slow the wall clock, not this)
   is_samples_per_s       examples * K / median time of one importance-sampling evaluation (eval_lib's, K=128)
   flops_per_image        XLA cost analysis of the compiled update step, 'flops' / batch (per-device program
                          flops * devices / batch on a mesh: every device runs its shard of the batch)
@@ -288,6 +290,12 @@ def mnist_vae_analytic_flops(model_cfg, image_shape) -> dict:
   return fwd
 
 
+def _process_cpu_seconds() -> float:
+  """User + system CPU time of this process: unlike wall time, barely changed by other jobs on the host."""
+  ru = resource.getrusage(resource.RUSAGE_SELF)
+  return ru.ru_utime + ru.ru_stime
+
+
 def peak_rss_mb() -> float:
   kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   return kib / 1024.0 if sys.platform.startswith("linux") else kib / 2 ** 20  # macOS reports bytes
@@ -400,14 +408,18 @@ class ConfigBench:
       return s, metrics
 
     _progress(f"{label}: compiled in {compile_s:.1f}s; timing {args.repeats} x {args.steps} update steps")
-    train_s = median_seconds(run_steps, args.repeats)
+    jax.block_until_ready(run_steps())  # warm-up outside the CPU-time window
+    cpu0 = _process_cpu_seconds()
+    train_s = median_seconds(run_steps, args.repeats, warmup=0)
+    train_cpu_ms = 1000 * (_process_cpu_seconds() - cpu0) / (args.repeats * args.steps)
     train_ips = batch * args.steps / train_s
     holder.clear()  # frees the trained state before the evaluation measurements
     del state
 
     row = {"config": self.spec, "batch": batch, "devices": num_devices, "model_kind": config.model.kind,
            "image_shape": list(self.image_shape), "num_params": self.num_params, "steps": args.steps,
-           "repeats": args.repeats, "train_images_per_s": train_ips, "train_step_ms": 1000 * train_s / args.steps}
+           "repeats": args.repeats, "train_images_per_s": train_ips, "train_step_ms": 1000 * train_s / args.steps,
+           "train_cpu_ms_per_step": train_cpu_ms}
     _progress(f"{label}: {train_ips:.1f} images/s training; importance sampling {is_examples} examples x "
               f"K={args.num_samples}")
     is_fn = self.is_fn()
@@ -467,7 +479,8 @@ def machine_record(args) -> dict:
 # ----------------------------------------------------------------------------- output
 
 _COLUMNS = (("config", "config", "{:<22}"), ("batch", "batch", "{:>5}"), ("devices", "dev", "{:>3}"),
-            ("train_images_per_s", "train img/s", "{:>11.1f}"), ("is_samples_per_s", "IS smp/s", "{:>10.0f}"),
+            ("train_images_per_s", "train img/s", "{:>11.1f}"),
+            ("train_cpu_ms_per_step", "cpu ms/step", "{:>11.1f}"), ("is_samples_per_s", "IS smp/s", "{:>10.0f}"),
             ("flops_per_image", "MFLOP/img", "{:>10.2f}"), ("gflops_per_s", "GFLOP/s", "{:>8.2f}"),
             ("matmul_ceiling_gflops", "ceiling", "{:>8.1f}"), ("compile_s", "compile s", "{:>9.2f}"),
             ("peak_rss_mb", "RSS MB", "{:>7.0f}"), ("ms_per_image_batched", "smp ms/img", "{:>10.3f}"),

@@ -57,6 +57,7 @@ def test_quick_bench_json(tmp_path):
     assert not set(bench.RESNET_KEYS) & set(r)            # sampling timings are for ResNet rows only
     assert r["gflops_per_s"] == pytest.approx(r["flops_per_image"] * r["train_images_per_s"] / 1e9, rel=1e-6)
     assert r["train_images_per_s"] == pytest.approx(1000 * r["batch"] / r["train_step_ms"], rel=1e-6)
+    assert r["train_cpu_ms_per_step"] > 0   # CPU time of the process, all threads: at least some per step
     assert r["is_samples_per_s"] > 0 and r["is_num_samples"] == bench.QUICK_SETTINGS["num_samples"]
     # A training step does at least a forward (2 flops per weight use) and a backward pass per image.
     assert r["flops_per_image"] > 4 * r["num_params"], r

@@ -222,3 +222,66 @@ def test_mask_shape_mismatch_raises():
     MaskedDense(8, mask=np.ones((5, 8), np.float32)).init(RNG_KEY, dense_input(n=2))
   with pytest.raises(ValueError):
     MaskedConv2D(4, 3, mask=np.ones((3, 3, 3, 4), np.float32)).init(RNG_KEY, conv_input(n=2))
+
+
+def numpy_conv_transpose_same(x, w, s):
+  """The definition: the zero-dilated input (s-1 zeros between pixels), padded as lax.conv_transpose's SAME,
+  correlated with w. x [B,H,W,C] float64, w [kh,kw,C,O]."""
+  kh, kw = w.shape[:2]
+  b, h, wd, c = x.shape
+  dil = np.zeros((b, (h - 1) * s + 1, (wd - 1) * s + 1, c))
+  dil[:, ::s, ::s] = x
+  pads = []
+  for k in (kh, kw):
+    total = k + s - 2
+    lo = k - 1 if s > k - 1 else -(-total // 2)
+    pads.append((lo, total - lo))
+  xp = np.pad(dil, ((0, 0), pads[0], pads[1], (0, 0)))
+  out = np.zeros((b, h * s, wd * s, w.shape[-1]))
+  for i in range(h * s):
+    for j in range(wd * s):
+      out[:, i, j] = np.einsum("bhwc,hwco->bo", xp[:, i:i + kh, j:j + kw], w)
+  return out
+
+
+@pytest.mark.parametrize("kernel,stride", [((3, 3), 2), ((5, 5), 2), ((4, 3), 2), ((3, 3), 1), ((2, 2), 3), ((1, 1), 2)])
+def test_conv2d_transpose_is_the_dilated_convolution(kernel, stride):
+  """The sub-pixel form computes the transposed convolution's definition, values and input/kernel gradients
+  (those of lax.conv_transpose)."""
+  from iaf_jax.layers import conv2d_transpose
+
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(2, 5, 4, 3)).astype(np.float32)
+  w = rng.normal(size=(*kernel, 3, 4)).astype(np.float32)
+  got = conv2d_transpose(x, w, (stride, stride))
+  np.testing.assert_allclose(got, numpy_conv_transpose_same(x.astype(np.float64), w.astype(np.float64), stride),
+                             rtol=1e-5, atol=1e-5)
+  lax_t = lambda a, k: jax.lax.conv_transpose(a, k, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  cot = rng.normal(size=got.shape).astype(np.float32)
+  ours = jax.grad(lambda a, k: jnp.sum(conv2d_transpose(a, k, (stride, stride)) * cot), argnums=(0, 1))(x, w)
+  ref = jax.grad(lambda a, k: jnp.sum(lax_t(a, k) * cot), argnums=(0, 1))(x, w)
+  for a, b in zip(ours, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("c_in", [1, 3])
+@pytest.mark.parametrize("kernel,stride", [((3, 3), 1), ((3, 3), 2), ((1, 1), 2), ((5, 4), 2), ((2, 2), 3)])
+def test_conv2d_matches_xla_same_convolution(c_in, kernel, stride):
+  """conv2d (single input channel: a sum of shifted slices) computes lax's SAME convolution: values and
+  gradients, odd and even kernels, strides that do and do not divide the size."""
+  from iaf_jax.layers import conv2d
+
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(2, 7, 6, c_in)).astype(np.float32)
+  w = rng.normal(size=(*kernel, c_in, 4)).astype(np.float32)
+  lax_conv = lambda a, k: jax.lax.conv_general_dilated(a, k, (stride, stride), "SAME",
+                                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  got = conv2d(x, w, (stride, stride))
+  np.testing.assert_allclose(got, lax_conv(x, w), rtol=1e-5, atol=1e-5)
+  if stride == 1 and kernel[0] % 2 and kernel[1] % 2:
+    np.testing.assert_allclose(got, numpy_conv_same(x.astype(np.float64), w.astype(np.float64)), rtol=1e-5, atol=1e-5)
+  cot = rng.normal(size=got.shape).astype(np.float32)
+  ours = jax.grad(lambda a, k: jnp.sum(conv2d(a, k, (stride, stride)) * cot), argnums=(0, 1))(x, w)
+  ref = jax.grad(lambda a, k: jnp.sum(lax_conv(a, k) * cot), argnums=(0, 1))(x, w)
+  for a, b in zip(ours, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
