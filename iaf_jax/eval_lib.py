@@ -102,6 +102,7 @@ def evaluate(workdir: str, *, num_samples: int = 128, split: str = "test", check
   if tuple(ds.image_shape) != run.image_shape:
     raise data_lib.DataError(f"{ds.name}: images are {ds.image_shape}, the checkpoint's model expects {run.image_shape}")
   images = _split_images(ds, split)
+  split_size = len(images)
   if max_examples:
     images = images[:max_examples]
   mesh = train_lib.make_mesh()
@@ -134,6 +135,8 @@ def evaluate(workdir: str, *, num_samples: int = 128, split: str = "test", check
   result = {
       "workdir": os.path.abspath(workdir), "config": c.name, "split": split, "checkpoint": checkpoint,
       "checkpoint_step": run.step, "num_examples": int(len(images)), "num_samples": num_samples,
+      # A partial evaluation (--max_examples) says so: the split's size and the cap asked for.
+      "split_size": int(split_size), "max_examples": int(max_examples),
       "neg_elbo_nats": neg_elbo, "nll_nats": nll, "gap_nats": neg_elbo - nll,
       "bits_per_dim_elbo": objectives.nats_to_bits_per_dim(neg_elbo, d),
       "bits_per_dim_nll": objectives.nats_to_bits_per_dim(nll, d),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import shlex
 import signal
@@ -243,10 +244,13 @@ def sweep(*, config_path: str, rows: list[str], root: str, extra: list[str], per
       if evaluate:
         k = int(config.eval.num_samples)
         path = eval_path(workdir, split, k)
-        if end is not None and os.path.exists(path) and _valid_eval(path, split):
+        if end is not None and os.path.exists(path) and eval_covers(path, split, max_examples):
           print(f"{prefix}: {os.path.basename(path)} exists; not re-evaluating", flush=True)
           evaluated = f", {os.path.basename(path)} kept"
         else:
+          if end is not None and os.path.exists(path):
+            print(f"{prefix}: {os.path.basename(path)} does not cover the examples asked for; re-evaluating",
+                  flush=True)
           print(f"{prefix}: evaluating (K={k}, {split} split)", flush=True)
           ok = launch(row, prefix, "evaluate", "evaluation", eval_command(workdir, k, split, max_examples))
           if stop.signal is not None:
@@ -274,12 +278,20 @@ def sweep(*, config_path: str, rows: list[str], root: str, extra: list[str], per
   return 0
 
 
-def _valid_eval(path: str, split: str) -> bool:
+def eval_covers(path: str, split: str, max_examples: int) -> bool:
+  """Whether an existing eval JSON is a valid evaluation of what this sweep asks for: the whole split
+  (max_examples 0) or its first max_examples examples. A file without `split_size` (written before evaluate.py
+  recorded it) cannot show that it covers the whole split, so it does not."""
   try:
     report.load_eval(path, split)
-    return True
-  except report.ReportError:
+    with open(path) as f:
+      r = json.load(f)
+  except (report.ReportError, OSError, ValueError):
     return False
+  n, size = int(r.get("num_examples", -1)), r.get("split_size")
+  if size is None:
+    return bool(max_examples) and n == max_examples
+  return n == (min(max_examples, int(size)) if max_examples else int(size))
 
 
 # ------------------------------------------------------------------------------------------ command line
