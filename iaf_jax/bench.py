@@ -253,12 +253,13 @@ def _conv_macs(out_hw, kernel_hw, c_in, c_out) -> int:
 def mnist_vae_analytic_flops(model_cfg, image_shape) -> dict:
   """Forward multiply-adds x 2 per image of the MNIST VAE (report Appendix 6.1 as models/mnist_vae.py builds
   it): convolutions and dense layers only (activations, weight norm and the optimizer are not counted).
-  Transposed convolutions are counted at their useful cost (input pixels x kernel taps), not as the
-  zero-dilated convolution XLA runs. 'train' = 3 x forward (forward, input gradients, weight gradients)."""
+  Transposed convolutions are counted at their useful cost (input pixels x kernel taps), not with the zero
+  blocks of the sub-pixel kernel layers.conv2d_transpose multiplies by. 'train' = 3 x forward (forward, input
+  gradients, weight gradients)."""
+  from iaf_jax.models.mnist_vae import _encoder_sizes  # the feature-map sizes the model builds
+
   h, w, c = image_shape
-  sizes = [(h, w)]
-  for s in model_cfg.strides:
-    sizes.append(tuple(-(-d // s) for d in sizes[-1]))
+  sizes = _encoder_sizes((h, w), model_cfg.strides)
   enc = dec = 0
   c_in = c
   for i, (ch, s) in enumerate(zip(model_cfg.channels, model_cfg.strides)):

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 _EPS = 1e-6
+_NHWC = ("NHWC", "HWIO", "NHWC")  # dimension numbers of every convolution here
 
 
 def _weight_normed(mdl: nn.Module, x: jax.Array, kernel_shape: Sequence[int], linear: Callable, mask: Any,
@@ -92,7 +93,7 @@ def conv2d(x: jax.Array, w: jax.Array, strides: tuple[int, int]) -> jax.Array:
   for one input channel (docs/performance.md).
   """
   if x.shape[-1] != 1:
-    return jax.lax.conv_general_dilated(x, w, strides, "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jax.lax.conv_general_dilated(x, w, strides, "SAME", dimension_numbers=_NHWC)
   (kh, kw, _, _), (sh, sw) = w.shape, strides
   (oh, pad_h), (ow, pad_w) = _same_padding(x.shape[1], kh, sh), _same_padding(x.shape[2], kw, sw)
   xp = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
@@ -128,7 +129,7 @@ def conv2d_transpose(x: jax.Array, w: jax.Array, strides: tuple[int, int]) -> ja
   than in its matmul library (docs/performance.md).
   """
   if tuple(strides) == (1, 1):  # no inserted zeros: nothing to gain
-    return jax.lax.conv_transpose(x, w, strides, "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jax.lax.conv_transpose(x, w, strides, "SAME", dimension_numbers=_NHWC)
   kh, kw, c_in, c_out = w.shape
   (sh, sw), (b, h, wd, _) = strides, x.shape
   (dy0, dy1, ty), (dx0, dx1, tx) = _subpixel_taps(kh, sh), _subpixel_taps(kw, sw)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import shlex
 import signal
@@ -283,10 +282,8 @@ def eval_covers(path: str, split: str, max_examples: int) -> bool:
   (max_examples 0) or its first max_examples examples. A file without `split_size` (written before evaluate.py
   recorded it) cannot show that it covers the whole split, so it does not."""
   try:
-    report.load_eval(path, split)
-    with open(path) as f:
-      r = json.load(f)
-  except (report.ReportError, OSError, ValueError):
+    r = report.load_eval(path, split)
+  except report.ReportError:
     return False
   n, size = int(r.get("num_examples", -1)), r.get("split_size")
   if size is None:

@@ -63,7 +63,7 @@ def test_quick_bench_json(tmp_path):
     assert r["flops_per_image"] > 4 * r["num_params"], r
     assert r["matmul_ceiling_gflops"] == machine["matmul_ceiling_gflops"]
     # The architecture's count (3 x forward multiply-adds x 2) and XLA's agree roughly: XLA skips the taps that
-    # fall on SAME padding, counts elementwise work and the zeros of dilated (transposed) convolutions.
+    # fall on SAME padding, counts elementwise work and the zero blocks of sub-pixel (transposed) convolutions.
     assert 0.5 < r["flops_per_image"] / r["analytic_train_flops_per_image"] < 2.0, r
     fwd = r["analytic_forward_flops_per_image"]
     assert fwd["flow"] == 0 and fwd["encoder"] > 0 and fwd["decoder"] > 0   # diag: no IAF
