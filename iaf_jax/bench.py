@@ -48,7 +48,10 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs")
-DEFAULT_CONFIGS = ("mnist:diag", "mnist:iaf_d2_w320", "mnist:iaf_d8_w1920", "cifar10:rungs4_iaf",
+# Both MNIST block forms: the report's one-conv block (the configs' default) and the two-conv block.
+TWO_CONV = "@model.block=two_conv@model.context_dim=0"
+DEFAULT_CONFIGS = ("mnist:diag", "mnist:iaf_d2_w320", "mnist:iaf_d8_w1920", "mnist:diag" + TWO_CONV,
+                   "mnist:iaf_d2_w320" + TWO_CONV, "mnist:iaf_d8_w1920" + TWO_CONV, "cifar10:rungs4_iaf",
                    "cifar10:rungs20_iaf")
 # Image shape of the dataset a config names (config.data.name), so that no data has to be loaded.
 NATURAL_SHAPES = {"binarized_mnist": (28, 28, 1), "mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1),
@@ -106,7 +109,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m iaf_jax.bench", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
-                 help="comma-separated FILE:NAME (FILE: mnist, cifar10 or a path to a config .py file)")
+                 help="comma-separated FILE:NAME[@SECTION.FIELD=VALUE...] (FILE: mnist, cifar10 or a path to a "
+                 "config .py file; each @ an override of that config only, e.g. mnist:diag@model.block=two_conv)")
   p.add_argument("--batch", default="64", help="comma-separated global batch sizes")
   p.add_argument("--devices", default="1", help="comma-separated device counts (a mesh over the first N)")
   p.add_argument("--repeats", type=int, default=None, help="timings per measurement; the median is reported "
@@ -192,6 +196,7 @@ def load_config(spec: str, overrides: Sequence[tuple[str, Any]], quick: bool):
   """'mnist:diag' -> (ConfigDict with the overrides applied, natural image shape)."""
   from iaf_jax import config_lib
 
+  spec, *own_overrides = spec.split("@")
   file_part, sep, name = spec.partition(":")
   if not sep or not file_part or not name:
     raise BenchError(f"--configs: {spec!r} is not FILE:NAME (e.g. mnist:diag, cifar10:rungs4_iaf)")
@@ -205,6 +210,9 @@ def load_config(spec: str, overrides: Sequence[tuple[str, Any]], quick: bool):
       _set_field(config, key, value)
   for key, value in overrides:
     _set_field(config, key, value)  # fields this config lacks are skipped (see _check_overrides_exist)
+  for key, value in map(parse_override, own_overrides):
+    if not _set_field(config, key, value):
+      raise BenchError(f"--configs {spec}@{key}: {spec} has no field {key}")
   try:
     config_lib.validate_config(config)
   except config_lib.ConfigError as e:
@@ -260,30 +268,33 @@ def mnist_vae_analytic_flops(model_cfg, image_shape) -> dict:
 
   h, w, c = image_shape
   sizes = _encoder_sizes((h, w), model_cfg.strides)
+  two_conv = model_cfg.get("block", "two_conv") == "two_conv"  # "report": one 3x3 conv per block
   enc = dec = 0
   c_in = c
   for i, (ch, s) in enumerate(zip(model_cfg.channels, model_cfg.strides)):
     out = sizes[i + 1]
-    enc += _conv_macs(out, (3, 3), c_in, ch) + _conv_macs(out, (3, 3), ch, ch)
+    enc += _conv_macs(out, (3, 3), c_in, ch) + (_conv_macs(out, (3, 3), ch, ch) if two_conv else 0)
     if s != 1 or c_in != ch:
       enc += _conv_macs(out, (1, 1), c_in, ch)
     c_in = ch
   top = int(np.prod(sizes[-1])) * model_cfg.channels[-1]
   k, hd = model_cfg.latent_dim, model_cfg.hidden_dim
-  enc += top * hd + hd * 2 * k
+  context = model_cfg.get("context_dim", 0)
+  enc += top * hd + hd * 2 * k + hd * context
   out_c = c if model_cfg.likelihood == "bernoulli" else 2 * c
   in_channels = [out_c] + list(model_cfg.channels[:-1])
   dec += k * hd + hd * top
   for i in reversed(range(len(model_cfg.channels))):
     src, dst, ch_in, ch = sizes[i + 1], sizes[i], model_cfg.channels[i], in_channels[i]
     if model_cfg.strides[i] == 1:
-      dec += _conv_macs(dst, (3, 3), ch_in, ch) + _conv_macs(dst, (3, 3), ch, ch) + (
+      dec += _conv_macs(dst, (3, 3), ch_in, ch) + (_conv_macs(dst, (3, 3), ch, ch) if two_conv else 0) + (
           _conv_macs(dst, (1, 1), ch_in, ch) if ch_in != ch else 0)
-    else:  # UpResBlock: transposed conv (useful taps), 3x3 conv, nearest upsample + 1x1 projection
+    else:  # transposed conv (useful taps), [two_conv: 3x3 conv], nearest upsample + 1x1 projection
       up = tuple(2 * d for d in src)
-      dec += _conv_macs(src, (3, 3), ch_in, ch) + _conv_macs(dst, (3, 3), ch, ch) + _conv_macs(up, (1, 1), ch_in, ch)
+      dec += (_conv_macs(src, (3, 3), ch_in, ch) + (_conv_macs(dst, (3, 3), ch, ch) if two_conv else 0)
+              + _conv_macs(up, (1, 1), ch_in, ch))
   width = model_cfg.iaf_width
-  flow = model_cfg.iaf_depth * ((k + hd) * width + width * width
+  flow = model_cfg.iaf_depth * ((k + (context or hd)) * width + width * width
                                 + width * k * (2 if model_cfg.learnt_sigma else 1))
   fwd = {"encoder": 2 * enc, "flow": 2 * flow, "decoder": 2 * dec}
   fwd["forward"] = sum(fwd.values())
@@ -479,7 +490,7 @@ def machine_record(args) -> dict:
 
 # ----------------------------------------------------------------------------- output
 
-_COLUMNS = (("config", "config", "{:<22}"), ("batch", "batch", "{:>5}"), ("devices", "dev", "{:>3}"),
+_COLUMNS = (("config", "config", "{:<48}"), ("batch", "batch", "{:>5}"), ("devices", "dev", "{:>3}"),
             ("train_images_per_s", "train img/s", "{:>11.1f}"),
             ("train_cpu_ms_per_step", "cpu ms/step", "{:>11.1f}"), ("is_samples_per_s", "IS smp/s", "{:>10.0f}"),
             ("flops_per_image", "MFLOP/img", "{:>10.2f}"), ("gflops_per_s", "GFLOP/s", "{:>8.2f}"),

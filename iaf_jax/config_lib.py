@@ -42,6 +42,10 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
           "needs one entry per entry of model.strides")
     _need(all(ch >= 1 for ch in m.channels), "model.channels", m.channels, "widths must be >= 1")
     _need(all(s in (1, 2) for s in m.strides), "model.strides", m.strides, "strides must be 1 or 2")
+    from iaf_jax.models.mnist_vae import BLOCKS
+    _need(m.get("block", "two_conv") in BLOCKS, "model.block", m.get("block"), f"must be one of {', '.join(BLOCKS)}")
+    _need(m.get("context_dim", 0) >= 0, "model.context_dim", m.get("context_dim"),
+          "must be >= 0 (0 = the hidden layer is the IAF context)")
   if m.kind == "resnet_vae":
     from iaf_jax.models.resnet_vae import validate_resnet_vae  # its own checks, as one-line ConfigErrors
     try:
@@ -61,6 +65,15 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   _need(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0 (0 = off)")
   _need(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
   _need(0 < t.lr_plateau_factor <= 1, "train.lr_plateau_factor", t.lr_plateau_factor, "must be in (0, 1]")
+  _need(t.get("time_budget_minutes", 0.0) >= 0, "train.time_budget_minutes", t.get("time_budget_minutes"),
+        "must be >= 0 (0 = off)")
+  from iaf_jax.train_lib import LR_SCHEDULES
+  _need(t.get("lr_schedule", "constant") in LR_SCHEDULES, "train.lr_schedule", t.get("lr_schedule"),
+        f"must be one of {', '.join(LR_SCHEDULES)}")
+  k = t.get("num_importance_samples", 1)
+  _need(isinstance(k, int) and k >= 1, "train.num_importance_samples", k, "(k) must be an integer >= 1")
+  _need(k == 1 or t.free_bits == 0, "train.num_importance_samples", k,
+        "k > 1 trains on the importance-weighted bound, which has no free-bits form: set train.free_bits=0")
   _need(t.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite", t.max_consecutive_nonfinite,
         "must be >= 1")
   _need(e.num_samples >= 1, "eval.num_samples", e.num_samples, "(K) must be >= 1")
@@ -120,8 +133,10 @@ def write_json_atomic(path: str, obj) -> None:
 
 
 def write_data_info(workdir: str, ds: data_lib.Dataset) -> None:
+  """What the model is built for, and what it was trained on: the files read and the sha256 of each array."""
   write_json_atomic(os.path.join(workdir, DATA_INFO_FILE), {
-      "name": ds.name, "image_shape": list(ds.image_shape), "max_value": ds.max_value, "source": ds.source})
+      "name": ds.name, "image_shape": list(ds.image_shape), "max_value": ds.max_value, "source": ds.source,
+      "files": list(ds.files), "checksums": dict(ds.checksums)})
 
 
 def load_data_info(workdir: str) -> dict:
@@ -130,7 +145,10 @@ def load_data_info(workdir: str) -> dict:
     from iaf_jax.checkpoints import CheckpointError
     raise CheckpointError(f"{workdir}: holds no checkpoint (no {DATA_INFO_FILE}; train into it first)")
   with open(path) as f:
-    return json.load(f)
+    info = json.load(f)
+  info.setdefault("files", [])  # written before files/checksums were recorded
+  info.setdefault("checksums", {})
+  return info
 
 
 def read_metrics_records(workdir: str) -> Optional[list]:

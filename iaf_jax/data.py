@@ -1,9 +1,12 @@
 """Image datasets as uint8 numpy arrays [N, H, W, C], plus a resumable batch order.
 
-Sources: scikit-learn's 8x8 digits (offline demo data), TFDS (`tfds.data_source`, no
-TensorFlow needed) or local files (IDX, .npz, CIFAR-10 python pickles, binarised-MNIST
-.amat). Every problem with the data is reported as a one-line `DataError` that starts
-with the file path or dataset name. Only numpy is needed here: no JAX.
+Sources: scikit-learn's 8x8 digits (offline demo data), TFDS (`tfds.data_source`; reading a
+prepared dataset needs no TensorFlow, preparing one does) or local files (IDX, .npz, the
+CIFAR-10 npz parts or python pickles, binarised-MNIST .amat). The sha256 of every array read
+from a file is recorded (`Dataset.checksums`) and compared with the published checksums of the
+verified copies of the canonical datasets (../shared/data/README.md); a mismatch is logged as a
+warning. Every problem with the data is reported as a one-line `DataError` that starts with the
+file path or dataset name. Only numpy is needed here: no JAX.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gzip
+import hashlib
+import importlib.util
 import logging
 import os
 import pickle
@@ -30,8 +35,65 @@ _IDX_STEMS = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyt
 _CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 _CIFAR_TEST_FILE = "test_batch"
 _CIFAR_SUBDIR = "cifar-10-batches-py"
+_CIFAR_PART_FILES = ("cifar10_train_part1.npz", "cifar10_train_part2.npz")  # train, in this order
+_CIFAR_TEST_NPZ = "cifar10_test.npz"
 _AMAT_FILES = {s: f"binarized_mnist_{s}.amat" for s in ("train", "valid", "test")}
+_BINARIZED_NPZ = "binarized_mnist.npz"
 _FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+_CHANNELS = {"digits": 1, "mnist": 1, "fashion_mnist": 1, "binarized_mnist": 1, "cifar10": 3}
+# What --config.data.dir can hold instead of a TFDS download.
+_LOCAL_FILES = {
+    "mnist": "mnist.npz or the MNIST IDX files",
+    "fashion_mnist": f"the Fashion-MNIST IDX files (e.g. {_FASHION_MNIST_DIR})",
+    "binarized_mnist": f"{_BINARIZED_NPZ} or the {', '.join(_AMAT_FILES.values())} files",
+    "cifar10": (f"{', '.join(_CIFAR_PART_FILES)} and {_CIFAR_TEST_NPZ} (or the CIFAR-10 python "
+                "batches)"),
+}
+
+# Published sha256 of each array's raw bytes, hashlib.sha256(np.ascontiguousarray(a).tobytes()),
+# of the copies of the canonical datasets verified byte for byte in ../shared/data/README.md:
+# {dataset: {(file, array): sha256}}.
+_PUBLISHED_SHA256 = {
+    "mnist": {
+        ("mnist.npz", "x_train"):
+            "741c988805d008ac6e4c904b69001ba184c24b2c540a4ef403f4c71b676cf757",
+        ("mnist.npz", "y_train"):
+            "1feba77c54802fa5339a11837ea4b2866434b83314ec45192930f1df69120c13",
+        ("mnist.npz", "x_test"):
+            "6d87418db22cc8025d05968bec9bd5c3932904b23485740db143a061a2c9d161",
+        ("mnist.npz", "y_test"):
+            "ddeff807876a9661a1110d45c266c86239a3a1b7d37da0c3716a7a683c852ff5",
+    },
+    "binarized_mnist": {
+        ("binarized_mnist.npz", "x_train"):
+            "43490d4d6ac9002727af4426d8748609fdb7e4094fa65ad8d681ea60082a7a5a",
+        ("binarized_mnist.npz", "x_valid"):
+            "069b4f0beb389b776478c3e872b4df71c95ac4be64d7cbe6d32e24ebac8e6d5e",
+        ("binarized_mnist.npz", "x_test"):
+            "ca0294c3b8d984c7a1dc891015a8eea6f37bae59a34e35ea0fc8c47110a8dd86",
+    },
+    "cifar10": {
+        ("cifar10_train_part1.npz", "x_train"):
+            "181849ce5fe0c3a5372ce4e79d7a4dd230ea3f1efb3ab58328126cccd5f47d36",
+        ("cifar10_train_part1.npz", "y_train"):
+            "9ef1e35b36c36e9b94da8fff1667bcf18bc6460248d263f936d71a6ecbd0e781",
+        ("cifar10_train_part2.npz", "x_train"):
+            "14d124458a8be55ea46e3e54f17b0518786d90475a22b47a6ddf57780b9fae16",
+        ("cifar10_train_part2.npz", "y_train"):
+            "d4dcb4c539dfe28fb2bd7915740a71434c22cccc5eb565f2d46aad4f0a43c1da",
+        ("cifar10_test.npz", "x_test"):
+            "f9b1e2130bab680db56eb06d886f7f1ad0f1183907ceff4659d1735c890f5b04",
+        ("cifar10_test.npz", "y_test"):
+            "cec8a24a1e92aa2ecaa0bbd3dbfa86bf6cd8759fbd209a832824c8cf0afca9d5",
+    },
+}
+# The canonical files hold the same bytes (README's verification): the IDX image payload after its
+# 16-byte header, and the .amat lines parsed into uint8 [N, 28, 28].
+_SAME_CONTENT = {
+    "mnist": {("train-images-idx3-ubyte", "images"): ("mnist.npz", "x_train"),
+              ("t10k-images-idx3-ubyte", "images"): ("mnist.npz", "x_test")},
+    "binarized_mnist": {(f, "images"): (_BINARIZED_NPZ, f"x_{s}") for s, f in _AMAT_FILES.items()},
+}
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +104,12 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq=False: `==` on arrays is ambiguous.
 class Dataset:
-    """Train/valid/test uint8 images [N, H, W, C]; `valid` is carved from training data."""
+    """Train/valid/test uint8 images [N, H, W, C]; `valid` is the official validation split where
+    the data has one, else carved from training data.
+
+    `checksums` maps "file[array]" (file: base name) to the sha256 of that array's raw bytes as
+    stored in the file; `files` are the absolute paths read. Both are empty for digits and TFDS.
+    """
 
     name: str
     train: np.ndarray
@@ -50,6 +117,8 @@ class Dataset:
     test: np.ndarray
     max_value: int
     source: str
+    checksums: dict = dataclasses.field(default_factory=dict)
+    files: tuple = ()
 
     @property
     def image_shape(self) -> tuple:
@@ -74,9 +143,10 @@ def load_dataset(
 ) -> Dataset:
     """Loads `name` from `data_dir` (local files) or TFDS (`data_dir=None`).
 
-    `validation_size` examples are moved from train to valid by a permutation seeded with
-    `seed`, unless the dataset has an official validation split (binarized_mnist), which
-    is used instead. `max_train` truncates train afterwards.
+    `data_dir` is a directory of dataset files or the path of one .npz. `validation_size`
+    examples are moved from train to valid by a permutation seeded with `seed`, unless the data
+    has an official validation split (binarized_mnist, or an .npz holding `x_valid`), which is
+    used instead. `max_train` truncates train afterwards.
     """
     if name not in DATASET_NAMES:
         raise DataError(f"{name!r}: unknown dataset; valid names are {', '.join(DATASET_NAMES)}")
@@ -87,9 +157,13 @@ def load_dataset(
     if max_train is not None and max_train < 1:
         raise DataError(f"{name}: max_train must be >= 1 or None, got {max_train}")
 
-    train, valid, test, source = _load_splits(name, data_dir)
+    record = _Record(name)
+    train, valid, test, source = _load_splits(name, data_dir, record)
     where = f"{name} ({source})"
     _check_same_image_shape(where, train=train, valid=valid, test=test)
+    if train.shape[-1] != _CHANNELS[name]:
+        raise DataError(f"{where}: images have {train.shape[-1]} channel(s); {name} has "
+                        f"{_CHANNELS[name]}")
     if valid is not None:
         if validation_size:
             log.info("%s: using the official validation split; validation_size ignored", name)
@@ -100,8 +174,8 @@ def load_dataset(
     if max_train is not None:
         train = train[:max_train]
 
-    ds = Dataset(name=name, train=train, valid=valid, test=test,
-                 max_value=_MAX_VALUE[name], source=source)
+    ds = Dataset(name=name, train=train, valid=valid, test=test, max_value=_MAX_VALUE[name],
+                 source=source, checksums=dict(record.checksums), files=tuple(record.files))
     validate_for_likelihood(ds, likelihood)
     return ds
 
@@ -146,6 +220,28 @@ def batch_indices(num_examples: int, batch_size: int, step: int, seed: int) -> n
     return perm[position * batch_size:(position + 1) * batch_size].copy()
 
 
+def fixed_subset(images, n: int, seed: int = 0):
+    """A fixed random subset of `n` examples of `images`, kept in their original order.
+
+    For quick evaluations on part of a split. The indices are
+    `np.sort(np.random.default_rng(seed).permutation(len(images))[:n])`: the same on every call
+    and machine, so quick evaluations of different runs score the same examples. A prefix
+    `images[:n]` is not a sample: binarized MNIST's test split is grouped by digit (all 0s
+    first). `n >= len(images)` gives all of them.
+    """
+    n, total = int(n), len(images)
+    if n < 0:
+        raise DataError(f"fixed_subset: n must be >= 0, got {n}")
+    return images[np.sort(np.random.default_rng(seed).permutation(total)[:n])]
+
+
+def array_sha256(arr) -> str:
+    """sha256 (hex) of an array's raw bytes, as
+    `hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()`."""
+    flat = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)  # The same bytes, without a copy.
+    return hashlib.sha256(flat).hexdigest()
+
+
 @functools.lru_cache(maxsize=4)
 def _epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
     perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
@@ -156,7 +252,7 @@ def _epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
 # ----------------------------------------------------------------------------- dispatch
 
 
-def _load_splits(name, data_dir):
+def _load_splits(name, data_dir, record):
     """Returns (train, valid or None, test, source) as checked uint8 NHWC arrays."""
     if name == "digits":
         return _load_digits()
@@ -164,10 +260,37 @@ def _load_splits(name, data_dir):
         return _load_tfds(name)
     path = os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
     if name == "binarized_mnist":
-        return _load_amat_dir(path)
+        return _load_binarized_local(path, record)
     if name == "cifar10":
-        return _load_cifar_local(path)
-    return _load_mnist_local(name, path)
+        return _load_cifar_local(path, record)
+    return _load_mnist_local(name, path, record)
+
+
+class _Record:
+    """The files read and the sha256 of each array as stored; compares them with the published."""
+
+    def __init__(self, name):
+        self.name, self.files, self.checksums = name, [], {}
+
+    def add(self, path, array, arr):
+        if path not in self.files:
+            self.files.append(path)
+        digest = array_sha256(arr)
+        self.checksums[f"{os.path.basename(path)}[{array}]"] = digest
+        published = _published_sha256(self.name, path, array)
+        if published is not None and digest != published:
+            log.warning("%s: %s of %s does not match the published sha256 (%s..., published "
+                        "%s...); results are not comparable to the report's", self.name, array,
+                        path, digest[:12], published[:12])
+
+
+def _published_sha256(name, path, array):
+    base = os.path.basename(path)
+    if base.endswith(".gz"):
+        base = base[:-3]
+    base = base.replace(".idx", "-idx")  # The dotted IDX names of some mirrors.
+    key = _SAME_CONTENT.get(name, {}).get((base, array), (base, array))
+    return _PUBLISHED_SHA256.get(name, {}).get(key)
 
 
 def _check_likelihood_name(where, likelihood):
@@ -220,7 +343,18 @@ def _as_images(arr, where):
     lo, hi = arr.min(), arr.max()
     if lo < 0 or hi > 255:
         raise DataError(f"{where}: values out of range [{lo:g}, {hi:g}]; expected 0..255")
+    if arr.dtype == np.uint8 and arr.flags.writeable and arr.flags.c_contiguous:
+        return arr  # No copy of a large array that is already right.
     return arr.astype(np.uint8)
+
+
+def _checked_images(name, arr, where):
+    """`_as_images`, plus: fixed-binarised data must be 0/1."""
+    images = _as_images(arr, where)
+    if name == "binarized_mnist" and images.max() > 1:
+        raise DataError(f"{where}: non-binary values (found {images.max()}); fixed-binarised "
+                        "data must be 0 or 1")
+    return images
 
 
 def _first_line(exc):
@@ -245,20 +379,61 @@ def _load_digits():
 
 
 def _load_tfds(name):
+    """Reads a TFDS dataset, preparing it (download + generation) when it is not prepared yet.
+
+    tensorflow-datasets reads a prepared dataset without TensorFlow, but the mnist,
+    fashion_mnist, binarized_mnist and cifar10 builders need it to prepare one: they read the
+    downloaded files with `tf.io.gfile.GFile` and `tfds.features.Image` encodes each image with
+    `tf.image.encode_png`. Without TensorFlow an unprepared dataset is refused at once, not after
+    a download (which, offline, fails only after minutes of retries).
+    """
     splits = ("train", "validation", "test") if name == "binarized_mnist" else ("train", "test")
+    local = f"pass --config.data.dir=DIR with {_LOCAL_FILES[name]}"
     try:
         import tensorflow_datasets as tfds  # Lazy: importing it costs ~1 s.
 
-        arrays = {s: _read_data_source(tfds.data_source(name, split=s), f"tfds:{name}/{s}")
-                  for s in splits}
+        try:
+            sources = {s: tfds.data_source(name, split=s, download=False) for s in splits}
+        except Exception as e:  # Not prepared yet (a KeyError with tfds 4.9), or unreadable.
+            if not _have_tensorflow() and not tfds.builder(name).is_prepared():
+                raise DataError(
+                    f"{name}: not prepared in tfds's data_dir, and tfds needs TensorFlow to "
+                    "prepare it (the builder reads the downloads with tf.io.gfile and encodes "
+                    f"images with tf.image.encode_png): pip install tensorflow-cpu, or {local}"
+                ) from e
+            sources = {s: tfds.data_source(name, split=s) for s in splits}
+        arrays = {s: _read_data_source(sources[s], f"tfds:{name}/{s}") for s in splits}
     except DataError:
         raise
     except Exception as e:  # Download/preparation fails offline in many different ways.
-        hint = f" (e.g. {_FASHION_MNIST_DIR})" if name == "fashion_mnist" else ""
-        raise DataError(
-            f"{name}: can't be downloaded here (tfds failed with {_first_line(e)}); pass "
-            f"--config.data.dir=... with local files{hint}") from e
+        missing = _missing_module(e)
+        if missing == "tensorflow":
+            raise DataError(f"{name}: tfds needs TensorFlow to prepare this dataset: pip install "
+                            f"tensorflow-cpu, or {local}") from e
+        if missing:
+            raise DataError(f"{name}: tensorflow-datasets needs the missing module {missing!r} "
+                            f"(pip install -r requirements.txt), or {local}") from e
+        raise DataError(f"{name}: can't be downloaded here (tfds failed with {_first_line(e)}); "
+                        f"{local}") from e
     return arrays["train"], arrays.get("validation"), arrays["test"], f"tfds:{name}"
+
+
+def _have_tensorflow():
+    try:
+        return importlib.util.find_spec("tensorflow") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _missing_module(exc):
+    """The name of the module whose import failed somewhere in `exc`'s chain, else None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, ModuleNotFoundError) and exc.name:
+            return exc.name.split(".")[0]
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _read_data_source(source, where):
@@ -282,20 +457,23 @@ def _read_data_source(source, where):
 # ----------------------------------------------------------------------------- MNIST / IDX / npz
 
 
-def _load_mnist_local(name, path):
+def _load_mnist_local(name, path, record):
     if os.path.isfile(path):
-        return _load_npz_or_fail(name, path)
+        return _load_npz_or_fail(name, path, record)
     expected = (f"{_IDX_STEMS['train']}[.gz] and {_IDX_STEMS['test']}[.gz], or {name}.npz")
     if not os.path.isdir(path):
         raise DataError(f"{path}: no such directory; expected a directory with {expected}")
     found = {split: _find_idx_file(path, stem) for split, stem in _IDX_STEMS.items()}
     if all(found.values()):
-        train = _as_images(_read_idx_images(found["train"]), found["train"])
-        test = _as_images(_read_idx_images(found["test"]), found["test"])
-        return train, None, test, f"{path} (IDX)"
+        images = {}
+        for split, file in found.items():
+            raw = _read_idx_images(file)
+            record.add(file, "images", raw)
+            images[split] = _as_images(raw, file)
+        return images["train"], None, images["test"], f"{path} (IDX)"
     npz = os.path.join(path, f"{name}.npz")
     if os.path.isfile(npz):
-        return _load_npz(npz)
+        return _load_npz(name, npz, record)
     missing = [f"{_IDX_STEMS[s]}[.gz]" for s, f in found.items() if f is None]
     raise DataError(f"{path}: missing {', '.join(missing)} for {name}; expected {expected}")
 
@@ -346,40 +524,91 @@ def _read_idx_images(path):
     return np.frombuffer(raw, np.uint8, count=expected, offset=16).reshape(n, h, w)
 
 
-def _load_npz_or_fail(name, path):
+def _load_npz_or_fail(name, path, record):
     if not path.endswith(".npz"):
         raise DataError(f"{path}: expected a directory or an .npz file for {name}")
-    return _load_npz(path)
+    if name == "cifar10" and os.path.basename(path) in _CIFAR_PART_FILES + (_CIFAR_TEST_NPZ,):
+        raise DataError(f"{path}: one of the three CIFAR-10 files; pass the directory holding "
+                        f"{', '.join(_CIFAR_PART_FILES)} and {_CIFAR_TEST_NPZ}")
+    return _load_npz(name, path, record)
 
 
-def _load_npz(path):
-    """Loads x_train/x_test from an .npz (allow_pickle=False: it is data, not code)."""
+def _load_npz(name, path, record):
+    """x_train/x_test, and x_valid (the official validation split) when present, of an .npz; or the same
+    packed 8 pixels a byte (`x_*_packbits`, the demo subset of scripts/make_demo_data.py)."""
+    arrays = _read_packed_npz(path)
+    if arrays is None:
+        arrays = _read_npz(path, ("x_train", "x_test"), optional=("x_valid",))
+    images = {}
+    for key, arr in arrays.items():
+        record.add(path, key, arr)
+        images[key] = _checked_images(name, arr, f"{path} [{key}]")
+    return images["x_train"], images.get("x_valid"), images["x_test"], f"{path} (npz)"
+
+
+def _read_packed_npz(path):
+    """The unpacked {x_train, x_valid, x_test} of a packed-bits .npz (np.packbits of each image's pixels,
+    `image_shape` [H, W], the sha256 of each unpacked array beside it), or None for another layout."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in ("x_train", "x_test") if k not in z.files]
+            if "x_train_packbits" not in z.files:
+                return None
+    except Exception:  # Not readable at all: _read_npz says so in one line.
+        return None
+    splits = [s for s in ("x_train", "x_valid", "x_test")]
+    stored = _read_npz(path, ("image_shape",) + tuple(f"{s}_packbits" for s in ("x_train", "x_test")),
+                       optional=tuple(f"{s}_{k}" for s in splits for k in ("packbits", "sha256")))
+    h, w = (int(d) for d in stored["image_shape"])
+    arrays = {}
+    for split in splits:
+        if f"{split}_packbits" not in stored:
+            continue
+        bits = stored[f"{split}_packbits"]
+        if bits.ndim != 2 or bits.dtype != np.uint8 or bits.shape[1] != -(-h * w // 8):
+            raise DataError(f"{path} [{split}_packbits]: wrong shape {bits.shape} or dtype {bits.dtype}; "
+                            f"expected uint8 [N, {-(-h * w // 8)}] for {h}x{w} images")
+        images = np.unpackbits(bits, axis=1, count=h * w).reshape(-1, h, w)
+        want = stored.get(f"{split}_sha256")
+        if want is not None and array_sha256(images) != str(want):
+            raise DataError(f"{path} [{split}_packbits]: the unpacked images do not match the sha256 stored "
+                            "beside them; the file is damaged (rebuild it with scripts/make_demo_data.py)")
+        arrays[split] = images
+    return arrays
+
+
+def _read_npz(path, names, optional=()):
+    """The arrays `names` (required) and `optional` (if present) of an .npz, as stored.
+
+    allow_pickle=False: it is data, not code."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in names if k not in z.files]
             if missing:
                 raise DataError(f"{path}: missing array(s) {', '.join(missing)}; found "
                                 f"{', '.join(z.files) or 'none'}")
-            x_train, x_test = z["x_train"], z["x_test"]
+            return {k: z[k] for k in tuple(names) + tuple(optional) if k in z.files}
     except DataError:
         raise
-    except Exception as e:  # zipfile / pickle / format errors of a damaged file.
-        raise DataError(f"{path}: cannot read .npz ({_first_line(e)})") from e
-    train = _as_images(x_train, f"{path} [x_train]")
-    test = _as_images(x_test, f"{path} [x_test]")
-    return train, None, test, f"{path} (npz)"
+    except Exception as e:  # zipfile / zlib / format errors of a truncated or damaged file.
+        raise DataError(f"{path}: cannot read .npz, the file is truncated or damaged "
+                        f"({_first_line(e)})") from e
 
 
 # ----------------------------------------------------------------------------- CIFAR-10
 
 
-def _load_cifar_local(path):
+def _load_cifar_local(path, record):
     if os.path.isfile(path):
-        return _load_npz_or_fail("cifar10", path)
-    expected = (f"{', '.join(_CIFAR_TRAIN_FILES)}, {_CIFAR_TEST_FILE} (optionally in "
-                f"{_CIFAR_SUBDIR}/), or cifar10.npz")
+        return _load_npz_or_fail("cifar10", path, record)
+    parts = _CIFAR_PART_FILES + (_CIFAR_TEST_NPZ,)
+    expected = (f"{', '.join(parts)}, or {', '.join(_CIFAR_TRAIN_FILES)}, {_CIFAR_TEST_FILE} "
+                f"(optionally in {_CIFAR_SUBDIR}/), or cifar10.npz")
     if not os.path.isdir(path):
         raise DataError(f"{path}: no such directory; expected a directory with {expected}")
+    if any(os.path.exists(os.path.join(path, f)) for f in parts):
+        return _load_cifar_parts(path, record)
     batch_dir = path
     sub = os.path.join(path, _CIFAR_SUBDIR)
     if not os.path.exists(os.path.join(path, _CIFAR_TRAIN_FILES[0])) and os.path.isdir(sub):
@@ -387,16 +616,34 @@ def _load_cifar_local(path):
     files = _CIFAR_TRAIN_FILES + (_CIFAR_TEST_FILE,)
     missing = [f for f in files if not os.path.isfile(os.path.join(batch_dir, f))]
     if missing and os.path.isfile(os.path.join(path, "cifar10.npz")):
-        return _load_npz(os.path.join(path, "cifar10.npz"))
+        return _load_npz("cifar10", os.path.join(path, "cifar10.npz"), record)
     if missing:
         raise DataError(f"{batch_dir}: missing {', '.join(missing)}; expected {expected}")
     train = np.concatenate(
-        [_read_cifar_batch(os.path.join(batch_dir, f)) for f in _CIFAR_TRAIN_FILES])
-    test = _read_cifar_batch(os.path.join(batch_dir, _CIFAR_TEST_FILE))
+        [_read_cifar_batch(os.path.join(batch_dir, f), record) for f in _CIFAR_TRAIN_FILES])
+    test = _read_cifar_batch(os.path.join(batch_dir, _CIFAR_TEST_FILE), record)
     return train, None, test, f"{batch_dir} (CIFAR-10 python pickles)"
 
 
-def _read_cifar_batch(path):
+def _load_cifar_parts(path, record):
+    """The shared-data layout: training images in two .npz parts (concatenated in order), test."""
+    parts = _CIFAR_PART_FILES + (_CIFAR_TEST_NPZ,)
+    missing = [f for f in parts if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+        raise DataError(f"{path}: missing {', '.join(missing)}; CIFAR-10 in parts needs "
+                        f"{', '.join(parts)}")
+    images = {}
+    for file, key in zip(parts, ("x_train", "x_train", "x_test")):
+        full = os.path.join(path, file)
+        arr = _read_npz(full, (key,))[key]
+        record.add(full, key, arr)
+        images[file] = _checked_images("cifar10", arr, f"{full} [{key}]")
+    _check_same_image_shape(path, **{f: images[f] for f in _CIFAR_PART_FILES})
+    train = np.concatenate([images[f] for f in _CIFAR_PART_FILES])
+    return train, None, images[_CIFAR_TEST_NPZ], f"{path} (CIFAR-10 npz parts)"
+
+
+def _read_cifar_batch(path, record=None):
     """One CIFAR-10 python batch: a pickled dict whose b'data' is uint8 [n, 3072], CHW order.
 
     Unpickling can run code: only load batch files from a trusted source.
@@ -413,6 +660,8 @@ def _read_cifar_batch(path):
     data = np.asarray(data)
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise DataError(f"{path}: wrong shape {data.shape} for b'data'; expected [N, 3072]")
+    if record is not None:
+        record.add(path, "data", data)
     # Rows are the R, G, B planes (each 32x32, row-major): CHW -> HWC.
     return _as_images(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), path)
 
@@ -420,19 +669,29 @@ def _read_cifar_batch(path):
 # ----------------------------------------------------------------------------- binarised MNIST
 
 
-def _load_amat_dir(path):
-    expected = ", ".join(_AMAT_FILES.values())
+def _load_binarized_local(path, record):
+    """binarized_mnist.npz (a file, or in the directory: preferred), else the three .amat files."""
+    if os.path.isfile(path):
+        return _load_npz_or_fail("binarized_mnist", path, record)
+    npz = os.path.join(path, _BINARIZED_NPZ)
+    if os.path.isfile(npz):
+        return _load_npz("binarized_mnist", npz, record)
+    return _load_amat_dir(path, record)
+
+
+def _load_amat_dir(path, record=None):
+    expected = f"{_BINARIZED_NPZ} or {', '.join(_AMAT_FILES.values())}"
     if not os.path.isdir(path):
         raise DataError(f"{path}: no such directory; expected a directory with {expected}")
     files = {s: os.path.join(path, f) for s, f in _AMAT_FILES.items()}
     missing = [_AMAT_FILES[s] for s, f in files.items() if not os.path.isfile(f)]
     if missing:
         raise DataError(f"{path}: missing {', '.join(missing)}; expected {expected}")
-    train, valid, test = (_read_amat(files[s]) for s in ("train", "valid", "test"))
+    train, valid, test = (_read_amat(files[s], record) for s in ("train", "valid", "test"))
     return train, valid, test, f"{path} (amat)"
 
 
-def _read_amat(path):
+def _read_amat(path, record=None):
     """A fixed-binarised MNIST .amat: one image a line, 784 space-separated 0/1 values."""
     raw = _read_file_bytes(path)
     if not raw.strip():
@@ -448,10 +707,9 @@ def _read_amat(path):
         raise DataError(f"{path}: wrong shape: {values.shape[1]} values a line; "
                         "expected 784 (28x28)")
     images = _as_images(values.reshape(-1, 28, 28), path)
-    if images.max() > 1:
-        raise DataError(f"{path}: non-binary values (found {images.max()}); fixed-binarised "
-                        "data must be 0 or 1")
-    return images
+    if record is not None:  # The uint8 [N, 28, 28] images: the bytes binarized_mnist.npz holds.
+        record.add(path, "images", images)
+    return _checked_images("binarized_mnist", images, path)
 
 
 def _parse_binary_amat(raw):

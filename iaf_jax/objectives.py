@@ -38,6 +38,21 @@ def vae_loss(terms: Mapping[str, jax.Array], free_bits: float = 0.0) -> tuple[ja
   return loss, {"loss": loss, "neg_elbo": recon + kl, "recon": recon, "kl": kl}
 
 
+def importance_weighted_loss(terms: Mapping[str, jax.Array], num_samples: int) -> tuple[jax.Array, dict]:
+  """Burda et al.'s k-sample importance-weighted bound as a loss (openai/iaf's hyperparameter `k`).
+
+  `terms` are a model's per-example terms over a batch of num_samples * B rows: sample-major, num_samples
+  copies of the same B examples. loss = -mean_b log (1/k) sum_k w_kb with log w = log p(x|z) + log p(z) -
+  log q(z|x); k = 1 is exactly the negative ELBO. The metrics keep vae_loss's names, averaged over all rows
+  (neg_elbo: the single-sample bound), plus 'neg_iw_bound'.
+  """
+  log_w = elbo(terms["log_px_given_z"], terms["log_pz"], terms["log_qz"]).reshape(num_samples, -1)
+  loss = -jnp.mean(log_mean_exp(log_w, axis=0))
+  recon = -jnp.mean(terms["log_px_given_z"])
+  kl = jnp.mean(terms["log_qz"] - terms["log_pz"])
+  return loss, {"loss": loss, "neg_elbo": recon + kl, "recon": recon, "kl": kl, "neg_iw_bound": loss}
+
+
 def importance_log_weights(log_weight_fn: Callable[[jax.Array, int], jax.Array], key: jax.Array,
                            num_samples: int, chunk_size: int = 128) -> jax.Array:
   """[K, B] log weights log p(x, z_k) - log q(z_k|x), drawn in chunks of `chunk_size` (a sequential lax.map),

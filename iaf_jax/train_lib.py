@@ -123,10 +123,14 @@ def _apply_update(state, grads, ok: jax.Array, optimizer, ema_decay: float,
 
 def make_train_step(model, optimizer: optax.GradientTransformation, *, likelihood: str, max_value: int,
                     free_bits: float, ema_decay: float,
-                    fused_adamax: Optional[tuple[float, float, float]] = None) -> Callable:
+                    fused_adamax: Optional[tuple[float, float, float]] = None,
+                    num_importance_samples: int = 1) -> Callable:
   """(state, uint8 images) -> (state, metrics): one pure update. A step whose loss or gradients are not
   finite changes nothing but the step and skip counters. `fused_adamax` (`fused_adamax(train_cfg)`, for a
-  plain Adamax optimizer) computes the same update without XLA's per-step copies of the state."""
+  plain Adamax optimizer) computes the same update without XLA's per-step copies of the state.
+  `num_importance_samples` k > 1 trains on the k-sample importance-weighted bound (objectives.
+  importance_weighted_loss): the model's terms on k copies of the batch, k independent posterior samples each."""
+  k = int(num_importance_samples)
 
   def train_step(state: TrainState, images: jax.Array):
     key = jax.random.fold_in(state.rng, state.step)
@@ -134,8 +138,10 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, likelihoo
     x = data_lib.model_inputs(k_bin, images, likelihood, max_value)
 
     def loss_fn(params):
-      terms = model.apply({"params": params}, x, k_z)
-      return objectives.vae_loss(terms, free_bits)
+      if k == 1:
+        return objectives.vae_loss(model.apply({"params": params}, x, k_z), free_bits)
+      xk = jnp.broadcast_to(x, (k,) + x.shape).reshape(-1, *x.shape[1:])
+      return objectives.importance_weighted_loss(model.apply({"params": params}, xk, k_z), k)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     # A NaN or Inf in any gradient makes the norm NaN or Inf: one pass over the gradients, which the logged
@@ -152,6 +158,20 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, likelihoo
     return new_state, metrics
 
   return train_step
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def scheduled_learning_rate(schedule: str, base_lr: float, progress: float, min_lr: float) -> float:
+  """The learning rate at `progress` in [0, 1], the fraction of the run done (of its steps or of its time
+  budget, whichever ends it first). 'cosine' decays from base_lr to min_lr (Loshchilov & Hutter 2017)."""
+  if schedule == "constant":
+    return base_lr
+  if schedule != "cosine":
+    raise ValueError(f"unknown learning-rate schedule {schedule!r}; expected one of {LR_SCHEDULES}")
+  p = min(max(float(progress), 0.0), 1.0)
+  return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + np.cos(np.pi * p))
 
 
 def make_eval_elbo(model, *, likelihood: str, max_value: int) -> Callable:
@@ -332,15 +352,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state, meta = manager.restore_latest(fresh, replicated)
   if meta is None:
     state = fresh()
-    meta = {"best_valid": None, "bad_evals": 0, "wall_time": 0.0}
+    meta = {"best_valid": None, "bad_evals": 0, "wall_time": 0.0, "lr_base": float(tc.learning_rate)}
     log.info("starting a new run in %s (%d parameters)", workdir,
              sum(x.size for x in jax.tree_util.tree_leaves(state.params)))
   else:
     log.info("resumed %s at step %d", workdir, int(state.step))
 
+  # The rate plateau annealing scales; the schedule's rate is derived from it. (Runs saved before schedules
+  # existed: the rate in their optimizer state.)
+  meta.setdefault("lr_base", float(state.opt_state.hyperparams["learning_rate"]))
   state = replicate(state, mesh)
+  budget_s = 60.0 * tc.time_budget_minutes
+
+  def progress(step_now):
+    done = step_now / max(tc.num_steps, 1)
+    return max(done, (wall0 + time.time() - t0) / budget_s) if budget_s else done
+
+  def set_learning_rate(st, lr):
+    hp = dict(st.opt_state.hyperparams, learning_rate=replicate(np.float32(lr), mesh))
+    return st.replace(opt_state=st.opt_state._replace(hyperparams=hp))
+
   train_step = jax.jit(make_train_step(model, optimizer, likelihood=lik, max_value=maxv, free_bits=tc.free_bits,
-                                       ema_decay=tc.ema_decay, fused_adamax=fused_adamax(tc)), donate_argnums=0)
+                                       ema_decay=tc.ema_decay, fused_adamax=fused_adamax(tc),
+                                       num_importance_samples=tc.num_importance_samples), donate_argnums=0)
   eval_fn = jax.jit(make_eval_elbo(model, likelihood=lik, max_value=maxv))
   valid = ds.valid[:config.eval.valid_examples]
   metrics_path = os.path.join(workdir, "metrics.jsonl")
@@ -369,9 +403,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     stop_reason = (f"early stopping after {meta['bad_evals']} evaluations without improvement (stopped before; "
                    f"raise train.early_stopping_patience to continue)")
   try:
+    if tc.lr_schedule != "constant":
+      state = set_learning_rate(state, scheduled_learning_rate(tc.lr_schedule, meta["lr_base"], progress(step),
+                                                               tc.min_learning_rate))
     while step < tc.num_steps and not stopped_early:
       if stop.signal is not None:
         stop_reason = f"signal {signal.Signals(stop.signal).name}"
+        break
+      if budget_s and wall0 + time.time() - t0 >= budget_s:
+        stop_reason = f"time budget of {tc.time_budget_minutes:g} minutes spent"
         break
       state, metrics = train_step(state, next(batches))
       pending.append(metrics)
@@ -393,6 +433,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           _append_jsonl(metrics_path, record)
           _progress(step, tc.num_steps, t0, step0, tc.batch_size,
                     f"-elbo {record['neg_elbo']:.2f}  kl {record['kl']:.2f}  skipped {record['skipped_steps']}")
+        if tc.lr_schedule != "constant":
+          state = set_learning_rate(state, scheduled_learning_rate(
+              tc.lr_schedule, meta["lr_base"], progress(step), tc.min_learning_rate))
         if int(state.consecutive_nonfinite) >= tc.max_consecutive_nonfinite:
           raise TrainingError(
               f"{int(state.consecutive_nonfinite)} consecutive steps had non-finite loss or gradients "
@@ -406,12 +449,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           meta["best_valid"], meta["bad_evals"] = v, 0
         else:
           meta["bad_evals"] += 1
-        lr = float(state.opt_state.hyperparams["learning_rate"])
         if (not improved and tc.lr_plateau_patience and meta["bad_evals"] % tc.lr_plateau_patience == 0
-            and lr > tc.min_learning_rate):
-          lr = max(lr * tc.lr_plateau_factor, tc.min_learning_rate)
-          hp = dict(state.opt_state.hyperparams, learning_rate=replicate(np.float32(lr), mesh))
-          state = state.replace(opt_state=state.opt_state._replace(hyperparams=hp))
+            and meta["lr_base"] > tc.min_learning_rate):
+          meta["lr_base"] = max(meta["lr_base"] * tc.lr_plateau_factor, tc.min_learning_rate)
+          state = set_learning_rate(state, scheduled_learning_rate(tc.lr_schedule, meta["lr_base"], progress(step),
+                                                                   tc.min_learning_rate))
+        lr = float(state.opt_state.hyperparams["learning_rate"])
         if jax.process_index() == 0:
           _append_jsonl(metrics_path, {"step": step, "valid_neg_elbo": v, "best_valid_neg_elbo": meta["best_valid"],
                                        "lr": lr})

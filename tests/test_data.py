@@ -1,9 +1,15 @@
-"""Tests of iaf_jax.data on small files written here (plus real Fashion-MNIST if present)."""
+"""Tests of iaf_jax.data on small files written here (plus the real data of ../shared/data and
+Fashion-MNIST when present)."""
 
 import collections
 import gzip
+import hashlib
+import json
+import logging
 import os
 import pickle
+import re
+import shutil
 import struct
 import time
 
@@ -14,6 +20,7 @@ from iaf_jax import data
 from iaf_jax.data import DataError, Dataset, batch_indices, load_dataset, validate_for_likelihood
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -54,6 +61,15 @@ def raises_one_line(match, fn, *args, **kwargs):
 
 def rows(arr):
     return collections.Counter(r.tobytes() for r in arr)
+
+
+def sha(a):
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def data_warnings(caplog):
+    return [r.getMessage() for r in caplog.records
+            if r.name == data.__name__ and r.levelno >= logging.WARNING]
 
 
 # ----------------------------------------------------------------------------- IDX
@@ -175,6 +191,44 @@ def test_npz_missing_in_directory_lists_expected(tmp_path):
     assert "fashion_mnist.npz" in msg
 
 
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "cifar10"])
+def test_npz_x_valid_is_the_official_validation_split(tmp_path, name):
+    shape = (6, 6, 3) if name == "cifar10" else (6, 6)
+    x = {k: unique_images(n, shape) + i for i, (k, n) in
+         enumerate((("x_train", 9), ("x_valid", 4), ("x_test", 3)))}
+    path = tmp_path / f"{name}.npz"
+    np.savez(path, **x)
+    ds = load_dataset(name, str(path), validation_size=5)  # Ignored: x_valid is the valid set.
+    for split, key in (("train", "x_train"), ("valid", "x_valid"), ("test", "x_test")):
+        np.testing.assert_array_equal(getattr(ds, split).reshape(x[key].shape), x[key])
+
+
+def test_npz_checksums_of_arrays_as_stored(tmp_path):
+    x_train, x_test = rand_images((5, 4, 4)).astype(np.int64), rand_images((3, 4, 4), 1)
+    path = tmp_path / "some.npz"
+    np.savez(path, x_train=x_train, x_test=x_test, y_train=np.zeros(5))
+    ds = load_dataset("mnist", str(path))
+    # int64 as stored, not the uint8 the data set holds; the channel axis added changes nothing.
+    assert ds.checksums == {"some.npz[x_train]": sha(x_train), "some.npz[x_test]": sha(x_test)}
+    assert sha(x_train) != sha(x_train.astype(np.uint8))
+    assert data.array_sha256(x_test) == sha(x_test)
+    assert ds.files == (str(path),)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_npz_truncated_or_damaged(tmp_path, damage):
+    path = tmp_path / "mnist.npz"
+    np.savez_compressed(path, x_train=rand_images((50, 8, 8)), x_test=rand_images((10, 8, 8), 1))
+    raw = bytearray(path.read_bytes())
+    if damage == "truncate":
+        raw = raw[: len(raw) * 2 // 3]
+    else:  # Inside the first member's compressed bytes: the CRC / zlib check fails.
+        raw[100:110] = bytes(255 - b for b in raw[100:110])
+    path.write_bytes(bytes(raw))
+    msg = raises_one_line("cannot read .npz", load_dataset, "mnist", str(tmp_path))
+    assert msg.startswith(str(path)) and "truncated or damaged" in msg
+
+
 # ----------------------------------------------------------------------------- amat
 
 
@@ -230,6 +284,36 @@ def test_amat_missing_files(tmp_path):
     write_amat(tmp_path / "binarized_mnist_train.amat", rand_images((2, 28, 28), high=2))
     msg = raises_one_line("missing", load_dataset, "binarized_mnist", str(tmp_path))
     assert "binarized_mnist_valid.amat" in msg and "binarized_mnist_test.amat" in msg
+    assert "binarized_mnist.npz" in msg
+
+
+def binarized_splits(sizes=(7, 3, 4)):
+    return {s: rand_images((n, 28, 28), seed, high=2)
+            for seed, (s, n) in enumerate(zip(("train", "valid", "test"), sizes))}
+
+
+@pytest.mark.parametrize("as_file", [True, False])
+def test_binarized_npz_with_x_valid(tmp_path, as_file):
+    splits = binarized_splits()
+    np.savez(tmp_path / "binarized_mnist.npz", **{f"x_{s}": x for s, x in splits.items()})
+    # In a directory the npz is preferred over .amat files (here with other content).
+    for s, x in binarized_splits((2, 2, 2)).items():
+        write_amat(tmp_path / f"binarized_mnist_{s}.amat", x)
+    where = tmp_path / "binarized_mnist.npz" if as_file else tmp_path
+    ds = load_dataset("binarized_mnist", str(where), validation_size=2)
+    for s in ("train", "valid", "test"):
+        np.testing.assert_array_equal(getattr(ds, s)[..., 0], splits[s])
+    assert ds.max_value == 1 and ds.source == f"{tmp_path / 'binarized_mnist.npz'} (npz)"
+    assert ds.checksums == {f"binarized_mnist.npz[x_{s}]": sha(x) for s, x in splits.items()}
+
+
+def test_binarized_npz_non_binary(tmp_path):
+    splits = binarized_splits()
+    splits["valid"][2, 3, 4] = 2
+    path = tmp_path / "binarized_mnist.npz"
+    np.savez(path, **{f"x_{s}": x for s, x in splits.items()})
+    msg = raises_one_line("non-binary values", load_dataset, "binarized_mnist", str(tmp_path))
+    assert msg.startswith(f"{path} [x_valid]")
 
 
 # ----------------------------------------------------------------------------- CIFAR-10
@@ -285,6 +369,141 @@ def test_cifar_wrong_shape(tmp_path):
     with open(tmp_path / "data_batch_1", "wb") as f:
         pickle.dump({b"data": rand_images((20, 1024))}, f)
     raises_one_line("data_batch_1: wrong shape", load_dataset, "cifar10", str(tmp_path))
+
+
+def write_cifar_parts(directory, n=(6, 5, 4), shape=(8, 8, 3)):
+    """The ../shared/data layout: two training parts and a test file, with labels."""
+    arrays = {}
+    for i, (file, key) in enumerate((("cifar10_train_part1.npz", "train"),
+                                     ("cifar10_train_part2.npz", "train"),
+                                     ("cifar10_test.npz", "test"))):
+        x = unique_images(n[i], shape) // 2 + 100 * (i == 1)  # Parts tell apart by value.
+        arrays[file] = x
+        np.savez(os.path.join(directory, file), **{f"x_{key}": x,
+                                                   f"y_{key}": np.arange(n[i], dtype=np.uint8)})
+    return arrays
+
+
+def test_cifar_parts_concatenated_in_order(tmp_path):
+    arrays = write_cifar_parts(tmp_path)
+    write_cifar(tmp_path)  # Pickles beside the parts: the parts are read.
+    ds = load_dataset("cifar10", str(tmp_path), likelihood="logistic", validation_size=2)
+    part1, part2 = arrays["cifar10_train_part1.npz"], arrays["cifar10_train_part2.npz"]
+    full = load_dataset("cifar10", str(tmp_path), likelihood="logistic")
+    np.testing.assert_array_equal(full.train, np.concatenate([part1, part2]))
+    np.testing.assert_array_equal(full.test, arrays["cifar10_test.npz"])
+    assert rows(ds.train) + rows(ds.valid) == rows(full.train) and len(ds.valid) == 2
+    assert full.source == f"{tmp_path} (CIFAR-10 npz parts)"
+    assert full.files == tuple(str(tmp_path / f) for f in arrays)  # part1, part2, test
+    assert full.checksums == {"cifar10_train_part1.npz[x_train]": sha(part1),
+                              "cifar10_train_part2.npz[x_train]": sha(part2),
+                              "cifar10_test.npz[x_test]": sha(arrays["cifar10_test.npz"])}
+
+
+@pytest.mark.parametrize("missing", ["cifar10_train_part2.npz", "cifar10_test.npz"])
+def test_cifar_missing_part(tmp_path, missing):
+    write_cifar_parts(tmp_path)
+    os.remove(tmp_path / missing)
+    msg = raises_one_line("missing", load_dataset, "cifar10", str(tmp_path), likelihood="logistic")
+    assert msg.startswith(f"{tmp_path}: missing {missing};")
+
+
+def test_cifar_part_errors(tmp_path):
+    write_cifar_parts(tmp_path, shape=(8, 8, 1))
+    raises_one_line("1 channel.*cifar10 has 3", load_dataset, "cifar10", str(tmp_path))
+    write_cifar_parts(tmp_path)
+    msg = raises_one_line("one of the three CIFAR-10 files", load_dataset, "cifar10",
+                          str(tmp_path / "cifar10_train_part1.npz"))
+    assert "cifar10_test.npz" in msg
+    np.savez(tmp_path / "cifar10_train_part2.npz", x_train=rand_images((3, 8, 6, 3)))
+    raises_one_line("shapes of the splits differ", load_dataset, "cifar10", str(tmp_path))
+    np.savez(tmp_path / "cifar10_train_part2.npz", y_train=np.zeros(3))
+    msg = raises_one_line("missing array.*x_train", load_dataset, "cifar10", str(tmp_path))
+    assert msg.startswith(str(tmp_path / "cifar10_train_part2.npz"))
+
+
+# ----------------------------------------------------------------------------- published checksums
+
+
+def test_mismatch_with_published_checksums_is_logged(tmp_path, caplog):
+    caplog.set_level(logging.WARNING)
+    # Named like the real files, so they are "known": their content is not the published one.
+    splits = binarized_splits()
+    np.savez(tmp_path / "binarized_mnist.npz", **{f"x_{s}": x for s, x in splits.items()})
+    load_dataset("binarized_mnist", str(tmp_path))
+    msgs = data_warnings(caplog)
+    assert len(msgs) == 3
+    for s in ("train", "valid", "test"):
+        assert any(m.startswith(f"binarized_mnist: x_{s} of {tmp_path / 'binarized_mnist.npz'} "
+                                "does not match the published sha256") for m in msgs)
+    assert all("results are not comparable to the report's" in m for m in msgs)
+
+    caplog.clear()
+    write_cifar_parts(tmp_path)
+    load_dataset("cifar10", str(tmp_path), likelihood="logistic")
+    msgs = data_warnings(caplog)
+    assert len(msgs) == 3 and sum("x_train of " in m for m in msgs) == 2
+
+    caplog.clear()  # The .amat files hold the bytes of binarized_mnist.npz: checked alike.
+    for s, x in splits.items():
+        write_amat(tmp_path / f"binarized_mnist_{s}.amat", x)
+    os.remove(tmp_path / "binarized_mnist.npz")
+    load_dataset("binarized_mnist", str(tmp_path))
+    assert len(data_warnings(caplog)) == 3
+    assert "images of " in data_warnings(caplog)[0]
+
+
+def test_published_checksum_match_and_unknown_files(tmp_path, caplog, monkeypatch):
+    caplog.set_level(logging.WARNING)
+    x_train, x_test = rand_images((5, 4, 4)), rand_images((3, 4, 4), 1)
+    np.savez(tmp_path / "mnist.npz", x_train=x_train, x_test=x_test)
+    published = {("mnist.npz", "x_train"): sha(x_train), ("mnist.npz", "x_test"): sha(x_test)}
+    monkeypatch.setitem(data._PUBLISHED_SHA256, "mnist", published)
+    load_dataset("mnist", str(tmp_path))
+    assert data_warnings(caplog) == []
+    load_dataset("fashion_mnist", str(tmp_path / "mnist.npz"))  # Not a file of fashion_mnist.
+    assert data_warnings(caplog) == []
+    # The same content in the canonical IDX files is checked against the same checksums.
+    write_idx(tmp_path / "train-images-idx3-ubyte", x_train, True)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", x_test[:2], False)
+    ds = load_dataset("mnist", str(tmp_path))
+    assert "IDX" in ds.source and data_warnings(caplog) == [
+        f"mnist: images of {tmp_path / 't10k-images-idx3-ubyte'} does not match the published "
+        f"sha256 ({sha(x_test[:2])[:12]}..., published {sha(x_test)[:12]}...); results are not "
+        "comparable to the report's"]
+    assert ds.checksums["train-images-idx3-ubyte.gz[images]"] == sha(x_train)
+
+
+def test_data_info_records_files_and_checksums(tmp_path):
+    from iaf_jax import config_lib
+
+    write_cifar_parts(tmp_path)
+    ds = load_dataset("cifar10", str(tmp_path), likelihood="logistic")
+    config_lib.write_data_info(str(tmp_path), ds)
+    info = config_lib.load_data_info(str(tmp_path))
+    assert info["files"] == list(ds.files) and len(info["files"]) == 3
+    assert info["checksums"] == ds.checksums and len(info["checksums"]) == 3
+    assert info["image_shape"] == [8, 8, 3] and info["max_value"] == 255
+    old = {k: v for k, v in info.items() if k not in ("files", "checksums")}
+    (tmp_path / config_lib.DATA_INFO_FILE).write_text(json.dumps(old))  # An older workdir.
+    assert config_lib.load_data_info(str(tmp_path))["checksums"] == {}
+
+
+# ----------------------------------------------------------------------------- fixed_subset
+
+
+def test_fixed_subset():
+    grouped = np.repeat(np.arange(10, dtype=np.uint8), 100)[:, None, None]  # Sorted by "digit".
+    sub = data.fixed_subset(grouped, 50)
+    assert sub.shape == (50, 1, 1) and len(np.unique(sub)) >= 8  # Not just the 0s of a prefix.
+    assert np.all(np.diff(sub.ravel().astype(int)) >= 0)  # Original order kept.
+    idx = np.sort(np.random.default_rng(0).permutation(1000)[:50])
+    np.testing.assert_array_equal(sub, grouped[idx])
+    np.testing.assert_array_equal(data.fixed_subset(grouped, 50), sub)  # Fixed.
+    assert not np.array_equal(data.fixed_subset(grouped, 50, seed=1), sub)
+    np.testing.assert_array_equal(data.fixed_subset(grouped, 5000), grouped)
+    assert len(data.fixed_subset(grouped, 0)) == 0
+    raises_one_line("fixed_subset: n must be >= 0", data.fixed_subset, grouped, -1)
 
 
 # ----------------------------------------------------------------------------- validation split
@@ -368,20 +587,92 @@ def test_tfds_binarized_uses_its_validation_split(tfds, monkeypatch):
     sizes = {"train": 5, "validation": 3, "test": 4}
     fake = {s: [{"image": np.full((28, 28, 1), i % 2, np.uint8)} for i in range(n)]
             for s, n in sizes.items()}
-    monkeypatch.setattr(tfds, "data_source", lambda name, split: fake[split])
+    monkeypatch.setattr(tfds, "data_source", lambda name, split, **kw: fake[split])
     ds = load_dataset("binarized_mnist", validation_size=2)
     assert (len(ds.train), len(ds.valid), len(ds.test)) == (5, 3, 4) and ds.max_value == 1
 
 
-@pytest.mark.parametrize("name", ["fashion_mnist", "cifar10"])
-def test_tfds_download_failure(tfds, monkeypatch, name):
-    def offline(*args, **kwargs):
-        raise OSError("Temporary failure in name resolution\nmore detail")
+@pytest.mark.parametrize("name", ["binarized_mnist", "mnist", "cifar10"])
+def test_tfds_import_chain_up_to_the_download(tfds, tmp_path, monkeypatch, name):
+    """Offline: tensorflow_datasets imports, builds the builder and gets as far as downloading
+    (tfds 4.9.10 also needs importlib_resources, which it does not declare for Python >= 3.9)."""
+    class Download(Exception):
+        pass
 
-    monkeypatch.setattr(tfds, "data_source", offline)
+    def download(self, *args, **kwargs):
+        raise Download()
+
+    monkeypatch.setattr(tfds.download.DownloadManager, "download", download)
+    monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract", download)
+    builder = tfds.builder(name, data_dir=str(tmp_path))
+    assert not builder.is_prepared()
+    with pytest.raises(Download):
+        builder.download_and_prepare(file_format="array_record")
+
+
+def test_tfds_preparing_needs_tensorflow(tfds, tmp_path, monkeypatch):
+    """What _load_tfds's message says: after the download, the builder needs TensorFlow."""
+    if data._have_tensorflow():
+        pytest.skip("TensorFlow is installed")
+    amat = tmp_path / "x.amat"
+    write_amat(amat, rand_images((2, 28, 28), high=2))
+    monkeypatch.setattr(tfds.download.DownloadManager, "download",
+                        lambda self, urls: {k: str(amat) for k in urls})
+    builder = tfds.builder("binarized_mnist", data_dir=str(tmp_path / "tfds"))
+    with pytest.raises(ModuleNotFoundError) as info:
+        builder.download_and_prepare(file_format="array_record")
+    assert info.value.name == "tensorflow"
+
+
+class FakeBuilder:
+    def is_prepared(self):
+        return False
+
+
+def fake_tfds(tfds, monkeypatch, download_error):
+    """tfds.data_source: not prepared (download=False), `download_error` when downloading."""
+    calls = []
+
+    def data_source(name, split, download=True, **kwargs):
+        calls.append(download)
+        if not download:
+            raise KeyError("Trying to access `splits['train']` but `splits` is empty.")
+        raise download_error
+
+    monkeypatch.setattr(tfds, "data_source", data_source)
+    monkeypatch.setattr(tfds, "builder", lambda name, **kwargs: FakeBuilder())
+    return calls
+
+
+@pytest.mark.parametrize("name", ["fashion_mnist", "cifar10", "binarized_mnist"])
+def test_tfds_download_failure(tfds, monkeypatch, name):
+    calls = fake_tfds(tfds, monkeypatch,
+                      OSError("Temporary failure in name resolution\nmore detail"))
+    monkeypatch.setattr(data, "_have_tensorflow", lambda: True)
     msg = raises_one_line("can.* be downloaded here", load_dataset, name)
+    assert calls == [False, True]
     assert msg.startswith(name) and "--config.data.dir=" in msg
+    assert "OSError: Temporary failure in name resolution" in msg and "more detail" not in msg
     assert (FASHION_DIR in msg) == (name == "fashion_mnist")
+    assert ("cifar10_train_part1.npz" in msg) == (name == "cifar10")
+
+
+@pytest.mark.parametrize("name", ["mnist", "binarized_mnist", "cifar10"])
+def test_tfds_without_tensorflow_no_download(tfds, monkeypatch, name):
+    calls = fake_tfds(tfds, monkeypatch, AssertionError("must not download"))
+    monkeypatch.setattr(data, "_have_tensorflow", lambda: False)
+    msg = raises_one_line("needs TensorFlow to prepare", load_dataset, name)
+    assert calls == [False]  # Refused before a download that could only be wasted.
+    assert msg.startswith(f"{name}: not prepared") and "pip install tensorflow-cpu" in msg
+    assert "--config.data.dir=" in msg
+
+
+def test_tfds_missing_module(tfds, monkeypatch):
+    err = ModuleNotFoundError("No module named 'importlib_resources'", name="importlib_resources")
+    fake_tfds(tfds, monkeypatch, err)
+    monkeypatch.setattr(data, "_have_tensorflow", lambda: True)
+    msg = raises_one_line("missing module 'importlib_resources'", load_dataset, "mnist")
+    assert msg.startswith("mnist: ") and "requirements.txt" in msg
 
 
 # ----------------------------------------------------------------------------- real data
@@ -394,6 +685,62 @@ def test_real_fashion_mnist():
     assert ds.image_shape == (28, 28, 1) and ds.train.dtype == np.uint8
     assert ds.max_value == 255 and ds.train.max() == 255 and ds.test.max() == 255
     assert ds.source == f"{FASHION_DIR} (IDX)"
+
+
+@pytest.fixture(scope="module")
+def shared_data():
+    if not os.path.isdir(SHARED_DATA):
+        pytest.skip(f"../shared/data not present: {os.path.abspath(SHARED_DATA)}")
+    return os.path.abspath(SHARED_DATA)
+
+
+def readme_checksums(directory):
+    """(file, array) -> sha256 from the table of ../shared/data/README.md: a second copy."""
+    text = open(os.path.join(directory, "README.md")).read()
+    rx = r"^\| `([\w.]+\.npz)` \| `(\w+)` \|[^\n]*\| `([0-9a-f]{64})` \|$"
+    return {(f, a): h for f, a, h in re.findall(rx, text, re.M)}
+
+
+def test_published_table_is_the_readmes(shared_data):
+    table = readme_checksums(shared_data)
+    assert len(table) == 13
+    assert table == {k: v for d in data._PUBLISHED_SHA256.values() for k, v in d.items()}
+
+
+@pytest.mark.parametrize("name,sizes,shape", [
+    ("binarized_mnist", (50000, 10000, 10000), (28, 28, 1)),
+    ("mnist", (60000, 0, 10000), (28, 28, 1)),
+    ("cifar10", (50000, 0, 10000), (32, 32, 3)),
+])
+def test_real_shared_data(shared_data, caplog, name, sizes, shape):
+    caplog.set_level(logging.WARNING)
+    likelihood = "logistic" if name == "cifar10" else "bernoulli"
+    ds = load_dataset(name, shared_data, validation_size=0, likelihood=likelihood)
+    assert (len(ds.train), len(ds.valid), len(ds.test)) == sizes
+    assert ds.image_shape == shape and ds.train.dtype == np.uint8
+    if name == "binarized_mnist":
+        assert ds.max_value == 1 and int(ds.train.sum()) == 5118041  # Ones per README.
+        assert int(ds.valid.sum()) == 1028036 and int(ds.test.sum()) == 1038896
+    else:
+        assert ds.max_value == 255 and ds.train.max() == 255
+    table = readme_checksums(shared_data)
+    assert ds.checksums and ds.checksums == {f"{f}[{a}]": table[f, a] for f, a in table
+                                             if f"{f}[{a}]" in ds.checksums}
+    assert {f"{f}[{a}]" for f, a in table if a.startswith("x_")
+            and os.path.join(shared_data, f) in ds.files} == set(ds.checksums)
+    assert data_warnings(caplog) == []
+
+
+def test_real_binarized_npz_as_file_and_truncated(shared_data, tmp_path):
+    path = os.path.join(shared_data, "binarized_mnist.npz")
+    ds = load_dataset("binarized_mnist", path, validation_size=5000)
+    assert (len(ds.train), len(ds.valid), len(ds.test)) == (50000, 10000, 10000)
+    copy = tmp_path / "binarized_mnist.npz"
+    shutil.copyfile(path, copy)
+    with open(copy, "r+b") as f:
+        f.truncate(os.path.getsize(path) - 1000)
+    msg = raises_one_line("truncated or damaged", load_dataset, "binarized_mnist", str(copy))
+    assert msg.startswith(str(copy))
 
 
 # ----------------------------------------------------------------------------- batch_indices

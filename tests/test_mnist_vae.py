@@ -28,9 +28,42 @@ def test_full_size_model_shapes_follow_the_data(shape, likelihood):
   assert jax.eval_shape(lambda v, xx: model.apply(v, xx, KEY, 4, method="log_weights"), variables, x).shape == (4, 3)
   flow = variables["params"]["flow"]
   assert sorted(flow) == [f"step_{t}" for t in range(8)]
-  # MADE with 2 hidden layers of width 1920 on 32 latents + the 450-unit context
+  # MADE with 2 hidden layers of width 1920 on 32 latents + the context (its own 200-unit layer, [C])
+  assert cfg.context_dim == 200
   kernels = [l.shape for l in jax.tree_util.tree_leaves(flow["step_0"]) if l.ndim == 2]
-  assert sorted(kernels) == sorted([(32 + 450, 1920), (1920, 1920), (1920, 64)])
+  assert sorted(kernels) == sorted([(32 + 200, 1920), (1920, 1920), (1920, 64)])
+
+
+def _conv_kernels(tree):
+  return [l.shape[:2] for l in jax.tree_util.tree_leaves(tree) if l.ndim == 4]
+
+
+@pytest.mark.parametrize("block,convs_per_block", [("report", 1), ("two_conv", 2)])
+def test_report_block_is_one_3x3_conv_per_block(block, convs_per_block):
+  """[R] Appendix 6.1: each ResNet block is ONE 3x3 conv (plus a 1x1 shortcut where the shape changes), in the
+  encoder and in the decoder's mirror; "two_conv" has two."""
+  cfg = mnist.get_config("diag").model
+  cfg.block = block
+  model = build_model(cfg, (28, 28, 1))
+  params = jax.eval_shape(model.init, KEY, jax.ShapeDtypeStruct((2, 28, 28, 1), jnp.float32), KEY)["params"]
+  n_blocks = len(cfg.channels)
+  enc = [k for name, tree in params.items() if name.startswith("enc_blocks") for k in _conv_kernels(tree)]
+  dec = [k for name, tree in params.items() if name.startswith("dec_blocks") for k in _conv_kernels(tree)]
+  # shortcuts: 3 strided blocks + the first (1 -> 16 channels) ... in the encoder; the decoder mirrors them
+  assert enc.count((3, 3)) == convs_per_block * n_blocks and dec.count((3, 3)) == convs_per_block * n_blocks
+  assert enc.count((1, 1)) == 3 and dec.count((1, 1)) == 3
+
+
+def test_report_identity_block_adds_elu_of_conv_to_its_input():
+  """A 1-strided report block computes x + elu(conv(x)): with the conv's output forced to a constant c the
+  block adds elu(c) to every input value."""
+  from iaf_jax.models.mnist_vae import ReportResBlock
+  blk = ReportResBlock(4, 1, weight_norm=False)
+  x = jax.random.normal(KEY, (2, 5, 5, 4))
+  v = blk.init(KEY, x)
+  v = jax.tree_util.tree_map(jnp.zeros_like, v)
+  v["params"]["MaskedConv2D_0"]["bias"] = jnp.full((4,), -0.7)
+  np.testing.assert_allclose(blk.apply(v, x), x + (np.exp(-0.7) - 1.0), rtol=1e-6)
 
 
 def _tiny(**kw):
@@ -66,11 +99,12 @@ def test_posterior_density_is_base_minus_log_det():
   np.testing.assert_allclose(log_q, dist.diag_gaussian_log_prob(z0, mean, log_std), rtol=1e-5)
 
 
-def test_encoder_starts_with_small_variance():
-  model, x = _tiny(iaf_depth=0), _binary(64)
+@pytest.mark.parametrize("initial_log_std", [INITIAL_LOG_STD, -2.0])
+def test_encoder_log_std_starts_at_its_offset_with_small_spread(initial_log_std):
+  model, x = _tiny(iaf_depth=0, initial_log_std=initial_log_std), _binary(64)
   v = model.init(KEY, x, KEY)
   _, log_std, _ = model.apply(v, x, method="encode")
-  assert abs(float(log_std.mean()) - INITIAL_LOG_STD) < 0.3
+  assert abs(float(log_std.mean()) - initial_log_std) < 0.3 and float(log_std.std()) < 0.3
 
 
 def test_depth_zero_is_the_diagonal_gaussian_baseline():

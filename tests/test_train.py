@@ -148,3 +148,36 @@ def test_unwritable_workdir_fails_before_training(tmp_path):
   target.write_text("not a directory")
   with pytest.raises(checkpoints.CheckpointError, match="not writable"):
     train_lib.train_and_evaluate(tiny_config(), str(target / "run"))
+
+
+def test_importance_weighted_training_step_bound_is_tighter(tmp_path):
+  """train.num_importance_samples = k > 1 trains on the k-sample bound: per step it is at least the average
+  single-sample ELBO of the same samples (log-mean-exp >= mean), so the logged loss <= neg_elbo."""
+  workdir = str(tmp_path / "iw")
+  train_lib.train_and_evaluate(tiny_config(**{"train.num_importance_samples": 4, "train.eval_every": 0}), workdir)
+  recs = [r for r in _records(workdir) if "neg_elbo" in r]
+  assert recs and all(np.isfinite(r["loss"]) and r["loss"] <= r["neg_elbo"] + 1e-4 for r in recs)
+  assert all(r["loss"] < r["neg_elbo"] - 1e-3 for r in recs)  # a real difference, not k = 1 in disguise
+  with pytest.raises(config_lib.ConfigError, match="free_bits"):
+    train_lib.train_and_evaluate(tiny_config(**{"train.num_importance_samples": 4, "train.free_bits": 0.5}),
+                                 str(tmp_path / "bad"))
+
+
+def test_time_budget_stops_the_run_and_a_rerun_stays_stopped(tmp_path):
+  workdir = str(tmp_path / "budget")
+  cfg = tiny_config(**{"train.num_steps": 100_000, "train.time_budget_minutes": 0.05, "train.eval_every": 0,
+                       "train.checkpoint_every": 1000})
+  summary = train_lib.train_and_evaluate(cfg, workdir)
+  assert summary["reason"].startswith("time budget") and 0 < summary["step"] < 100_000
+  assert summary["wall_time"] >= 3.0
+  again = train_lib.train_and_evaluate(cfg, workdir)
+  assert again["step"] == summary["step"]  # spent: nothing more is trained, the checkpoint is the same
+
+
+def test_cosine_schedule_decays_from_base_to_min():
+  lrs = [train_lib.scheduled_learning_rate("cosine", 0.004, p, 1e-5) for p in np.linspace(0, 1, 11)]
+  assert lrs[0] == pytest.approx(0.004) and lrs[-1] == pytest.approx(1e-5)
+  assert all(a > b for a, b in zip(lrs, lrs[1:]))
+  assert train_lib.scheduled_learning_rate("constant", 0.004, 0.7, 1e-5) == 0.004
+  with pytest.raises(config_lib.ConfigError, match="lr_schedule"):
+    config_lib.validate_config(tiny_config(**{"train.lr_schedule": "linear"}))

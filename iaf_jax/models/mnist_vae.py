@@ -1,8 +1,12 @@
 """The MNIST conv ResNet VAE of the report's Appendix 6.1, with 0..8 IAF steps in its posterior.
 
 Encoder: ResNet blocks (3x3, strides 2,1,2,1,2; 16,16,32,32,32 channels; 1x1 projection shortcuts where the
-shape changes) -> flatten -> dense 450 (= the IAF context h) -> mean, log-std of q(z0|x). Posterior:
+shape changes) -> flatten -> dense 450 -> mean, log-std of q(z0|x); the IAF context h is the 450-unit layer
+itself or (`context_dim` > 0, as the report's code: 200) a dense layer of its own on it. Posterior:
 z0 ~ N(mean, std), z_T = IAFFlow(z0; h), log q(z_T|x) = log q(z0|x) - sum log-det (Equation 10). Prior N(0, I).
+Two block forms (`block`): "report", the report's Appendix 6.1 and its code, ONE 3x3 conv per block,
+elu(conv(x)) + x (identity, or a 1x1 conv where the shape changes); "two_conv", elu -> conv -> elu -> conv
+(+ shortcut), about twice the arithmetic.
 Decoder: the mirror image with transposed convs, to Bernoulli logits (or discretized logistic parameters
 for 8-bit data, the report's CIFAR-10 baseline of Table 3). Weight norm with data-dependent init and ELU
 everywhere. Feature-map sizes follow the input, so any HxWxC works.
@@ -20,9 +24,51 @@ from iaf_jax import distributions as dist
 from iaf_jax.flows import IAFFlow
 from iaf_jax.layers import ConvTranspose2D, MaskedConv2D, MaskedDense
 
-# The encoder's std starts near exp(-2) ~ 0.14: the report re-parameterises q(z0|x) "to have initially low
-# variance" to prevent under-fitting (Appendix 6.1).
-INITIAL_LOG_STD = -2.0
+# Where the encoder's log-std starts (its layer's outputs start with std 0.1 about this offset). The report's
+# code (IAF_VAE_mnist/Encoder.py: log_std = linear(x) / 10) starts near 0, std ~1: the "initially low variance"
+# of Appendix 6.1 is the log-std's spread. An offset of -2 (std 0.14), once the default here, costs
+# 0.5 (s^2 - 1) - log s = 1.5 nats of KL per latent at the first step, 48 nats for 32 latents: on small images
+# that is more than the whole reconstruction term, and the first updates push q(z|x) onto the prior before the
+# decoder has learnt to use z (posterior collapse: the 8x8 digits demo ended with KL 0.2 nats; docs/demo.md).
+INITIAL_LOG_STD = 0.0
+BLOCKS = ("report", "two_conv")
+
+
+def _shortcut(x, features, strides, weight_norm):
+  """The input where the block keeps its shape, else the report's "same convolution ... with a 1 kernel-size"."""
+  if strides == 1 and x.shape[-1] == features:
+    return x
+  return MaskedConv2D(features, 1, strides, weight_norm=weight_norm)(x)
+
+
+class ReportResBlock(nn.Module):
+  """[R] Appendix 6.1 and its code: elu(conv3x3(x, stride)) + shortcut(x). `final`: no elu (the decoder's last
+  block outputs likelihood parameters, which an elu would bound below by -1)."""
+  features: int
+  strides: int = 1
+  weight_norm: bool = True
+  final: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    h = MaskedConv2D(self.features, 3, self.strides, weight_norm=self.weight_norm)(x)
+    return _shortcut(x, self.features, self.strides, self.weight_norm) + (h if self.final else nn.elu(h))
+
+
+class ReportUpResBlock(nn.Module):
+  """The decoder's strided report block: elu(transposed conv3x3 x2) + 1x1 conv of the nearest-neighbour
+  upsampled input, cropped to the encoder's size."""
+  features: int
+  out_hw: tuple[int, int]
+  weight_norm: bool = True
+  final: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    crop = lambda a: a[:, :self.out_hw[0], :self.out_hw[1], :]
+    h = crop(ConvTranspose2D(self.features, 3, 2, weight_norm=self.weight_norm)(x))
+    up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return crop(MaskedConv2D(self.features, 1, weight_norm=self.weight_norm)(up)) + (h if self.final else nn.elu(h))
 
 
 class ResBlock(nn.Module):
@@ -35,9 +81,7 @@ class ResBlock(nn.Module):
   def __call__(self, x):
     h = MaskedConv2D(self.features, 3, self.strides, weight_norm=self.weight_norm)(nn.elu(x))
     h = MaskedConv2D(self.features, 3, weight_norm=self.weight_norm, init_scale=0.1)(nn.elu(h))
-    if self.strides != 1 or x.shape[-1] != self.features:
-      x = MaskedConv2D(self.features, 1, self.strides, weight_norm=self.weight_norm)(x)
-    return x + h
+    return _shortcut(x, self.features, self.strides, self.weight_norm) + h
 
 
 class UpResBlock(nn.Module):
@@ -75,14 +119,21 @@ class MnistVAE(nn.Module):
   strides: Sequence[int] = (2, 1, 2, 1, 2)
   hidden_dim: int = 450
   weight_norm: bool = True
+  block: str = "two_conv"
+  context_dim: int = 0   # 0: the IAF context h is the hidden layer itself; else a dense layer of this width
+  initial_log_std: float = INITIAL_LOG_STD
 
   def setup(self):
+    if self.block not in BLOCKS:
+      raise ValueError(f"MnistVAE: block must be one of {BLOCKS}, got {self.block!r}")
     wn = self.weight_norm
     h, w, c = self.image_shape
     sizes = _encoder_sizes((h, w), self.strides)
-    self.enc_blocks = [ResBlock(ch, s, wn) for ch, s in zip(self.channels, self.strides)]
+    report = self.block == "report"
+    self.enc_blocks = [(ReportResBlock if report else ResBlock)(ch, s, wn) for ch, s in zip(self.channels, self.strides)]
     self.enc_dense = MaskedDense(self.hidden_dim, weight_norm=wn)
     self.enc_out = MaskedDense(2 * self.latent_dim, weight_norm=wn, init_scale=0.1)
+    self.enc_context = MaskedDense(self.context_dim, weight_norm=wn) if self.context_dim else None
     self.flow = IAFFlow(self.iaf_depth, "made", (self.iaf_width, self.iaf_width), self.learnt_sigma, weight_norm=wn)
     self.top_shape = (*sizes[-1], self.channels[-1])
     self.dec_dense1 = MaskedDense(self.hidden_dim, weight_norm=wn)
@@ -93,10 +144,14 @@ class MnistVAE(nn.Module):
     in_channels = [out_c] + list(self.channels[:-1])
     dec = []
     for i in reversed(range(len(self.channels))):
-      if self.strides[i] == 1:
+      final = i == 0
+      if report:
+        dec.append(ReportResBlock(in_channels[i], 1, wn, final=final) if self.strides[i] == 1
+                   else ReportUpResBlock(in_channels[i], sizes[i], wn, final=final))
+      elif self.strides[i] == 1:
         dec.append(ResBlock(in_channels[i], 1, wn))
       else:
-        dec.append(UpResBlock(in_channels[i], sizes[i], wn, final=i == 0))
+        dec.append(UpResBlock(in_channels[i], sizes[i], wn, final=final))
     self.dec_blocks = dec
 
   # --- the pieces, each usable alone (api.py exposes them) ---
@@ -114,7 +169,8 @@ class MnistVAE(nn.Module):
       h = block(h)
     h = nn.elu(self.enc_dense(nn.elu(h.reshape(h.shape[0], -1))))
     mean, raw_log_std = jnp.split(self.enc_out(h), 2, axis=-1)
-    return mean, raw_log_std + INITIAL_LOG_STD, h
+    context = h if self.enc_context is None else nn.elu(self.enc_context(h))
+    return mean, raw_log_std + self.initial_log_std, context
 
   def posterior_sample_from_encoding(self, encoding, key):
     """z_T ~ q(z|x) and log q(z_T|x) (Equation 10)."""
