@@ -61,7 +61,7 @@ _MAX_VALUE = {"digits": 16, "mnist": 255, "fashion_mnist": 255, "binarized_mnist
 # --quick: tiny models (fields a config does not have are skipped), 2 steps, 1 repeat, K=8.
 QUICK_OVERRIDES = {
     "model.channels": (4, 8), "model.strides": (2, 2), "model.hidden_dim": 16, "model.latent_dim": 4,
-    "model.iaf_width": 16, "model.h_size": 8, "model.z_size": 4, "eval.chunk_size": 8,
+    "model.iaf_width": 16, "model.context_dim": 8, "model.h_size": 8, "model.z_size": 4, "eval.chunk_size": 8,
 }
 QUICK_SETTINGS = {"steps": 2, "repeats": 1, "num_samples": 8}
 REQUIRED_KEYS = ("config", "batch", "devices", "train_images_per_s", "is_samples_per_s", "flops_per_image",

@@ -87,7 +87,7 @@ def evaluate(workdir: str, *, num_samples: int = 128, split: str = "test", check
   """Importance-sampled log p(x) and ELBO of a trained run; prints a table row, writes workdir/eval_*.json.
 
   The JSON also holds the collapse diagnostics of iaf_jax/diagnostics.py (KL per latent unit, active units)
-  on the first `diagnostics_examples` examples (0 = skip them)."""
+  on a fixed random subset (data.fixed_subset) of `diagnostics_examples` examples (0 = skip them)."""
   for flag, value, low in (("num_samples", num_samples, 1), ("max_examples", max_examples, 0),
                            ("batch_size", batch_size, 0), ("chunk_size", chunk_size, 0),
                            ("diagnostics_examples", diagnostics_examples, 0),
@@ -104,7 +104,9 @@ def evaluate(workdir: str, *, num_samples: int = 128, split: str = "test", check
   images = _split_images(ds, split)
   split_size = len(images)
   if max_examples:
-    images = images[:max_examples]
+    # A fixed random subset (data.fixed_subset, seed 0), the same for every run: binarized MNIST's test split
+    # is grouped by digit, so its first N images are not a sample of it.
+    images = data_lib.fixed_subset(images, max_examples)
   mesh = train_lib.make_mesh()
   n_dev = mesh.devices.size
   bs = batch_size or c.eval.batch_size
@@ -137,6 +139,7 @@ def evaluate(workdir: str, *, num_samples: int = 128, split: str = "test", check
       "checkpoint_step": run.step, "num_examples": int(len(images)), "num_samples": num_samples,
       # A partial evaluation (--max_examples) says so: the split's size and the cap asked for.
       "split_size": int(split_size), "max_examples": int(max_examples),
+      "subset": "data.fixed_subset(seed=0)" if max_examples and max_examples < split_size else "all",
       "neg_elbo_nats": neg_elbo, "nll_nats": nll, "gap_nats": neg_elbo - nll,
       "bits_per_dim_elbo": objectives.nats_to_bits_per_dim(neg_elbo, d),
       "bits_per_dim_nll": objectives.nats_to_bits_per_dim(nll, d),
@@ -147,7 +150,7 @@ def evaluate(workdir: str, *, num_samples: int = 128, split: str = "test", check
   if diagnostics_examples and len(images) >= 2:
     t1 = time.time()
     result.update(diagnostics.collapse_diagnostics(
-        run.model, run.params, images[:diagnostics_examples], likelihood=c.model.likelihood,
+        run.model, run.params, data_lib.fixed_subset(images, diagnostics_examples), likelihood=c.model.likelihood,
         max_value=run.max_value, num_samples=diagnostics_samples, seed=seed))
     result["diagnostics_seconds"] = time.time() - t1
   path = os.path.join(workdir, f"eval_{split}_{checkpoint}_K{num_samples}.json")
@@ -191,7 +194,8 @@ def sample(workdir: str, *, num: int = 64, checkpoint: str = "best", seed: int =
 
   ds = data_lib.load_dataset(c.data.name, c.data.dir or None, validation_size=c.data.validation_size, seed=c.seed,
                              likelihood=c.model.likelihood, max_train=c.data.max_train or None)
-  originals = ds.test[:min(num, len(ds.test))]
+  # A fixed random subset, not the first images: binarized MNIST's test split is grouped by digit.
+  originals = data_lib.fixed_subset(ds.test, min(num, len(ds.test)))
   lik = c.model.likelihood
 
   def recon(p, k, imgs):

@@ -27,6 +27,7 @@ DEFAULT_NAMES = {
     "fig4": "fig4_posteriors.png", "fig5": "fig5_manifold.png", "fig6": "fig6_training_curves.png",
     "fig7": "fig7_reconstruction_errors.png", "fig8": "fig8_reconstructions.png",
     "fig9": "fig9_reconstructions.png", "samples": "samples_by_model.png", "collapse": "collapse.png",
+    "wallclock": "valid_vs_wallclock.png",
 }
 DEFAULT_NUM = {"fig4": 4, "fig5": 20, "fig7": 10, "fig8": 32, "fig9": 32, "samples": 64}
 HDR_MASSES = (0.95, 0.8, 0.5)   # fig4: contours enclosing these probability masses (highest-density regions)
@@ -45,6 +46,8 @@ def figure_size(figure: str, num_runs: int = 1, num: Optional[int] = None) -> tu
     return 5.0 * k, 5.5
   if figure == "fig6":
     return 12.0, 4.5
+  if figure == "wallclock":
+    return 7.0, 4.5
   if figure == "fig7":
     return 1.5 + 0.75 * num, 0.75 * (1 + 2 * k) + 0.5
   if figure in ("fig8", "fig9"):   # per run: a title line and ceil(num / 8) rows of ~0.54 in images
@@ -98,7 +101,8 @@ def _split(ds, split: str, num: int) -> np.ndarray:
   images = getattr(ds, split)
   if not len(images):
     raise _config_error(f"{ds.name}: the {split} split is empty")
-  return images[:num]
+  from iaf_jax import data as data_lib
+  return data_lib.fixed_subset(images, num)  # not the first num: binarized MNIST's test split is grouped by digit
 
 
 def _inputs(run, images, seed: int):
@@ -412,8 +416,8 @@ def fig_samples(runs, out: str, *, num: int = 64, seed: int = 0, dpi: int = DPI)
 
 def fig_collapse(run, out: str, *, max_examples: int = 1000, samples: int = 16, split: str = "test",
                  seed: int = 0, dpi: int = DPI) -> dict:
-  """KL per latent unit and active units (iaf_jax/diagnostics.py) on the first `max_examples` examples of
-  `split`, as bars; the numbers also go to collapse_<split>.json beside the PNG.
+  """KL per latent unit and active units (iaf_jax/diagnostics.py) on a fixed random subset (data.fixed_subset)
+  of `max_examples` examples of `split`, as bars; the numbers also go to collapse_<split>.json beside the PNG.
 
   MNIST model: (a) KL per latent dimension, active units coloured; (b) the activity A_u with the 0.01 line.
   ResNet VAE: (a) KL per rung; (b) KL per rung and channel; (c) active fraction of each rung's latent units.
@@ -479,6 +483,36 @@ def _save(fig, out, dpi, figure, extra):
   return {"figure": figure, "path": out, "size_inches": size, "dpi": dpi, **extra}
 
 
+def fig_wallclock(workdirs: Sequence[str], out: str, *, dpi: int = DPI) -> dict:
+  """Validation -ELBO (train_lib's single-sample ELBO of the EMA params on the validation examples) against
+  training wall-clock minutes, one line per run: what a run buys in the time spent (issue #14's protocol).
+  The wall-clock of a validation record is that of the training record of the same step."""
+  from iaf_jax import config_lib, plots
+  plt = plots.pyplot()
+  fig, ax = plt.subplots(figsize=figure_size("wallclock", len(workdirs)))
+  fig.subplots_adjust(left=0.1, right=0.98, bottom=0.12, top=0.93)
+  finals = {}
+  for i, w in enumerate(workdirs):
+    recs = config_lib.read_metrics_records(w) or []
+    wall = {r["step"]: r["wall_time"] for r in recs if "wall_time" in r and "neg_elbo" in r}
+    pts = [(wall[r["step"]] / 60.0, r["valid_neg_elbo"]) for r in recs if "valid_neg_elbo" in r and r["step"] in wall]
+    if not pts:
+      raise _config_error(f"{w}: metrics.jsonl holds no validation record with a wall time")
+    label = os.path.basename(os.path.normpath(w))
+    ax.plot(*zip(*pts), color=_COLORS[i % len(_COLORS)], label=label, linewidth=1.2, marker=".", markersize=3)
+    finals[label] = pts[-1][1]
+  ax.set_xlabel("training wall-clock (minutes)")
+  ax.set_ylabel("validation -ELBO (nats)")
+  lo = min(finals.values())
+  ax.set_ylim(lo - 1.0, lo + 12.0)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.savefig(out, dpi=dpi)
+  plt.close(fig)
+  return {"path": out, "size_inches": figure_size("wallclock", len(workdirs)), "dpi": dpi,
+          "final_valid_neg_elbo": finals}
+
+
 def make_figure(figure: str, *, workdir: Optional[str] = None, workdirs: Sequence[str] = (), out: str = "",
                 checkpoint: str = "best", num: Optional[int] = None, samples: Optional[int] = None,
                 max_examples: int = 1000, split: str = "test", seed: int = 0, dpi: int = DPI) -> dict:
@@ -497,6 +531,8 @@ def make_figure(figure: str, *, workdir: Optional[str] = None, workdirs: Sequenc
     raise _config_error(f"--num={num}: must be >= 1")
   if figure == "fig6":
     return fig6(dirs, out, dpi=dpi)
+  if figure == "wallclock":
+    return fig_wallclock(dirs, out, dpi=dpi)
   runs = load_runs(dirs, checkpoint)
   if figure == "fig4":
     return fig4(runs, out, num=num, samples=samples or 20000, seed=seed, dpi=dpi)

@@ -279,16 +279,19 @@ def sweep(*, config_path: str, rows: list[str], root: str, extra: list[str], per
 
 def eval_covers(path: str, split: str, max_examples: int) -> bool:
   """Whether an existing eval JSON is a valid evaluation of what this sweep asks for: the whole split
-  (max_examples 0) or its first max_examples examples. A file without `split_size` (written before evaluate.py
-  recorded it) cannot show that it covers the whole split, so it does not."""
+  (max_examples 0) or the fixed random subset of max_examples examples evaluate.py takes. A file without
+  `split_size` or `subset` (written by an older evaluate.py, which took the first N) does not cover either."""
   try:
     r = report.load_eval(path, split)
   except report.ReportError:
     return False
   n, size = int(r.get("num_examples", -1)), r.get("split_size")
   if size is None:
-    return bool(max_examples) and n == max_examples
-  return n == (min(max_examples, int(size)) if max_examples else int(size))
+    return False
+  if max_examples and max_examples < int(size):
+    # Partial evaluations are of data.fixed_subset's examples; older files (the first N) are not that subset.
+    return n == max_examples and r.get("subset") == "data.fixed_subset(seed=0)"
+  return n == int(size)
 
 
 # ------------------------------------------------------------------------------------------ command line

@@ -368,7 +368,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     done = step_now / max(tc.num_steps, 1)
     return max(done, (wall0 + time.time() - t0) / budget_s) if budget_s else done
 
-  def set_learning_rate(st, lr):
+  def scheduled(st, step_now):
+    """`st` with the rate the schedule gives at step_now, from meta['lr_base']."""
+    lr = scheduled_learning_rate(tc.lr_schedule, meta["lr_base"], progress(step_now), tc.min_learning_rate)
     hp = dict(st.opt_state.hyperparams, learning_rate=replicate(np.float32(lr), mesh))
     return st.replace(opt_state=st.opt_state._replace(hyperparams=hp))
 
@@ -404,8 +406,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                    f"raise train.early_stopping_patience to continue)")
   try:
     if tc.lr_schedule != "constant":
-      state = set_learning_rate(state, scheduled_learning_rate(tc.lr_schedule, meta["lr_base"], progress(step),
-                                                               tc.min_learning_rate))
+      state = scheduled(state, step)
     while step < tc.num_steps and not stopped_early:
       if stop.signal is not None:
         stop_reason = f"signal {signal.Signals(stop.signal).name}"
@@ -433,9 +434,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           _append_jsonl(metrics_path, record)
           _progress(step, tc.num_steps, t0, step0, tc.batch_size,
                     f"-elbo {record['neg_elbo']:.2f}  kl {record['kl']:.2f}  skipped {record['skipped_steps']}")
-        if tc.lr_schedule != "constant":
-          state = set_learning_rate(state, scheduled_learning_rate(
-              tc.lr_schedule, meta["lr_base"], progress(step), tc.min_learning_rate))
+        if tc.lr_schedule != "constant":  # the rate moves at the logging interval, where the host syncs anyway
+          state = scheduled(state, step)
         if int(state.consecutive_nonfinite) >= tc.max_consecutive_nonfinite:
           raise TrainingError(
               f"{int(state.consecutive_nonfinite)} consecutive steps had non-finite loss or gradients "
@@ -452,8 +452,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if (not improved and tc.lr_plateau_patience and meta["bad_evals"] % tc.lr_plateau_patience == 0
             and meta["lr_base"] > tc.min_learning_rate):
           meta["lr_base"] = max(meta["lr_base"] * tc.lr_plateau_factor, tc.min_learning_rate)
-          state = set_learning_rate(state, scheduled_learning_rate(tc.lr_schedule, meta["lr_base"], progress(step),
-                                                                   tc.min_learning_rate))
+          state = scheduled(state, step)
         lr = float(state.opt_state.hyperparams["learning_rate"])
         if jax.process_index() == 0:
           _append_jsonl(metrics_path, {"step": step, "valid_neg_elbo": v, "best_valid_neg_elbo": meta["best_valid"],

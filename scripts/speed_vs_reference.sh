@@ -10,5 +10,7 @@ py=${PYTHON:-.venv/bin/python}
 for cfg in "0 320" "2 320" "8 1920"; do
   SEED_TORCH=$A/seed-torch THREADS=2 "$A/torch-venv/bin/python" ../shared/reference/seed_torch_bench.py $cfg 64
 done | tee "$out/reference.jsonl"
-"$py" -m iaf_jax.bench --configs mnist:diag,mnist:iaf_d2_w320,mnist:iaf_d8_w1920 --batch 64 --repeats 5 \
-  --steps 10 --no_sampling --json "$out/ours.json" | tail -5
+two="@model.block=two_conv@model.context_dim=0"   # the block and context used before the report's
+"$py" -m iaf_jax.bench --batch 64 --repeats 5 --steps 10 --no_sampling --json "$out/ours.json" \
+  --configs "mnist:diag,mnist:iaf_d2_w320,mnist:iaf_d8_w1920,mnist:diag$two,mnist:iaf_d2_w320$two,mnist:iaf_d8_w1920$two" \
+  | tail -7

@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.join(REPO, "configs"))
 import mnist  # noqa: E402  (configs/ is not a package: configs are loaded by path, as config_flags does)
 
 TINY_OVERRIDES = {
-    "data.name": "digits", "model.context_dim": 8, "model.channels": (4, 8), "model.strides": (2, 2), "model.hidden_dim": 16, "model.latent_dim": 4,
+    "data.name": "digits", "model.context_dim": 8, "train.lr_schedule": "constant", "model.channels": (4, 8), "model.strides": (2, 2), "model.hidden_dim": 16, "model.latent_dim": 4,
     "model.iaf_depth": 2, "model.iaf_width": 16, "train.batch_size": 16, "train.num_steps": 12,
     "train.log_every": 4, "train.eval_every": 6, "train.checkpoint_every": 4, "data.validation_size": 64,
     "data.max_train": 256, "eval.valid_examples": 64, "eval.batch_size": 32, "eval.chunk_size": 8,

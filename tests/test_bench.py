@@ -64,7 +64,9 @@ def test_quick_bench_json(tmp_path):
     assert r["matmul_ceiling_gflops"] == machine["matmul_ceiling_gflops"]
     # The architecture's count (3 x forward multiply-adds x 2) and XLA's agree roughly: XLA skips the taps that
     # fall on SAME padding, counts elementwise work and the zero blocks of sub-pixel (transposed) convolutions.
-    assert 0.5 < r["flops_per_image"] / r["analytic_train_flops_per_image"] < 2.0, r
+    # The quick model's one-conv blocks (4 and 8 channels) do so little arithmetic that the elementwise work is
+    # a large share of XLA's count (2.4x here; 1.01x at the report's full size, docs/performance.md).
+    assert 0.5 < r["flops_per_image"] / r["analytic_train_flops_per_image"] < 3.0, r
     fwd = r["analytic_forward_flops_per_image"]
     assert fwd["flow"] == 0 and fwd["encoder"] > 0 and fwd["decoder"] > 0   # diag: no IAF
 
@@ -126,12 +128,23 @@ class _FakeCompiled:
     return self.analysis
 
 
-def test_analytic_flops_of_the_report_architecture():
-  """Appendix 6.1 by hand: encoder convs 3.56 M multiply-adds, IAF 8/1920 steps 4.73 M each."""
-  config, shape = bench.load_config("mnist:iaf_d8_w1920", [], quick=False)
+# Appendix 6.1's encoder by hand, 28x28 -> 14 -> 14 -> 7 -> 7 -> 4, channels 16, 16, 32, 32, 32 (multiply-adds):
+_REPORT_CONVS = (196 * 9 * 16 + 196 * 16 + 196 * 9 * 16 * 16 + 49 * 9 * 16 * 32 + 49 * 16 * 32   # one 3x3 conv
+                 + 49 * 9 * 32 * 32 + 16 * 9 * 32 * 32 + 16 * 32 * 32)                         # a block, shortcuts
+_SECOND_CONVS = 196 * 9 * 16 * 16 * 2 + 49 * 9 * 32 * 32 * 2 + 16 * 9 * 32 * 32               # two_conv's extra
+_DENSE = 512 * 450 + 450 * 64                                                                    # 450 units, 2 x 32
+
+
+@pytest.mark.parametrize("spec,encoder,context", [
+    ("mnist:iaf_d8_w1920", _REPORT_CONVS + _DENSE + 450 * 200, 200),   # the report's block, 200-unit context
+    ("mnist:iaf_d8_w1920@model.block=two_conv@model.context_dim=0", _REPORT_CONVS + _SECOND_CONVS + _DENSE, 450)])
+def test_analytic_flops_of_the_report_architecture(spec, encoder, context):
+  """Appendix 6.1 by hand (3.56 M encoder multiply-adds with two convs per block, 1.70 M with the report's one),
+  and the IAF 8/1920 steps on 32 latents + the context."""
+  config, shape = bench.load_config(spec, [], quick=False)
   f = bench.mnist_vae_analytic_flops(config.model, shape)
-  assert f["encoder"] == 2 * 3_562_240
-  assert f["flow"] == 2 * 8 * (482 * 1920 + 1920 * 1920 + 1920 * 64)
+  assert f["encoder"] == 2 * encoder
+  assert f["flow"] == 2 * 8 * ((32 + context) * 1920 + 1920 * 1920 + 1920 * 64)
   assert f["train"] == 3 * (f["encoder"] + f["flow"] + f["decoder"])
 
 

@@ -217,3 +217,24 @@ def test_hdr_levels_of_the_standard_normal():
 def test_manifold_grid_is_the_inverse_normal_cdf():
   g = figures.manifold_grid(4)
   np.testing.assert_allclose(g, [-1.1503494, -0.3186394, 0.3186394, 1.1503494], rtol=1e-6)
+
+
+def test_wallclock_curve_reads_validation_records_at_their_training_wall_time(tmp_path):
+  runs = []
+  for name, offset in (("a", 0.0), ("b", 2.0)):
+    w = tmp_path / name
+    w.mkdir()
+    recs = []
+    for step in (100, 200, 300):
+      recs.append({"step": step, "neg_elbo": 100.0, "wall_time": 60.0 * step / 100})
+      recs.append({"step": step, "valid_neg_elbo": 95.0 - step / 100 + offset})
+    (w / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    runs.append(str(w))
+  r = figures.make_figure("wallclock", workdirs=runs, out=str(tmp_path / "wc.png"))
+  _check_png(r["path"], _expected_px("wallclock", 2))
+  assert r["final_valid_neg_elbo"] == {"a": 92.0, "b": 94.0}
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  (empty / "metrics.jsonl").write_text(json.dumps({"step": 1, "neg_elbo": 1.0, "wall_time": 1.0}) + "\n")
+  with pytest.raises(Exception, match="no validation record"):
+    figures.make_figure("wallclock", workdirs=[str(empty)], out=str(tmp_path / "x.png"))

@@ -83,8 +83,8 @@ def test_sweep_rerun_skips_the_finished_row(swept, capsys):
   out = capsys.readouterr().out
   assert "[1/1] diag: already trained in" in out and "not re-evaluating" in out and "$ " not in out
   assert (open(metrics).read(), os.stat(eval_file).st_mtime_ns) == before  # nothing clobbered or appended
-  # The kept file is the first 40 examples of the split: it covers --max_examples=40, not the whole split or
-  # a larger cap; without split_size (an older evaluate.py) it cannot show that it covers the whole split.
+  # The kept file is the fixed random subset of 40 examples: it covers --max_examples=40, not the whole split or
+  # a larger cap; a file of an older evaluate.py (no split_size / subset: it took the first N) covers neither.
   r = _eval(root)
   assert r["max_examples"] == 40 and r["split_size"] > 40
   assert sweep.eval_covers(eval_file, "test", 40)
@@ -93,7 +93,7 @@ def test_sweep_rerun_skips_the_finished_row(swept, capsys):
   old = os.path.join(root, "old_eval.json")
   with open(old, "w") as f:
     json.dump({k: v for k, v in r.items() if k != "split_size"}, f)
-  assert sweep.eval_covers(old, "test", 40) and not sweep.eval_covers(old, "test", 0)
+  assert not sweep.eval_covers(old, "test", 40) and not sweep.eval_covers(old, "test", 0)
   # More steps asked for: the same workdir is not finished any more, so train.py would resume it.
   config, why = sweep.effective_config("configs/mnist.py", "diag", tiny_flags(**{"train.num_steps": 3}))
   assert why == "" and config.train.num_steps == 3

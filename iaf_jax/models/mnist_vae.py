@@ -183,6 +183,10 @@ class MnistVAE(nn.Module):
   def posterior_sample(self, x, key):
     return self.posterior_sample_from_encoding(self.encode(x), key)
 
+  def iaf(self, z0, context):
+    """(z_T, log-det) of the posterior's flow (Equation 10's transform alone), for diagnostics of its Jacobian."""
+    return self.flow(z0, context)
+
   def log_prior(self, z):
     return dist.standard_normal_log_prob(z)
 
