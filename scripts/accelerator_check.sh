@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One command for a GPU/TPU host (issue #13): the bench table for the MNIST configs (both block forms) and the
+# One command for a GPU/TPU host (issue #13; written 2026-12-01, not yet run anywhere): the bench table for
+# the MNIST configs (both block forms) and the
 # 4- and 20-rung ResNet VAE, then IAF 2/320 trained on binarized MNIST for a fixed MINUTES (default 4) and
 # evaluated on the whole test set with K=128. Everything lands in OUT (default runs/accelerator_check): bench.json,
 # the run's workdir with metrics.jsonl and eval_test_best_K128.json, and summary.json.
