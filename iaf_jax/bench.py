@@ -264,11 +264,11 @@ def mnist_vae_analytic_flops(model_cfg, image_shape) -> dict:
   Transposed convolutions are counted at their useful cost (input pixels x kernel taps), not with the zero
   blocks of the sub-pixel kernel layers.conv2d_transpose multiplies by. 'train' = 3 x forward (forward, input
   gradients, weight gradients)."""
-  from iaf_jax.models.mnist_vae import _encoder_sizes  # the feature-map sizes the model builds
+  from iaf_jax.models.mnist_vae import _encoder_sizes, model_field  # the feature-map sizes the model builds
 
   h, w, c = image_shape
   sizes = _encoder_sizes((h, w), model_cfg.strides)
-  two_conv = model_cfg.get("block", "two_conv") == "two_conv"  # "report": one 3x3 conv per block
+  two_conv = model_field(model_cfg, "block") == "two_conv"  # "report": one 3x3 conv per block
   enc = dec = 0
   c_in = c
   for i, (ch, s) in enumerate(zip(model_cfg.channels, model_cfg.strides)):
@@ -279,7 +279,7 @@ def mnist_vae_analytic_flops(model_cfg, image_shape) -> dict:
     c_in = ch
   top = int(np.prod(sizes[-1])) * model_cfg.channels[-1]
   k, hd = model_cfg.latent_dim, model_cfg.hidden_dim
-  context = model_cfg.get("context_dim", 0)
+  context = model_field(model_cfg, "context_dim")
   enc += top * hd + hd * 2 * k + hd * context
   out_c = c if model_cfg.likelihood == "bernoulli" else 2 * c
   in_channels = [out_c] + list(model_cfg.channels[:-1])

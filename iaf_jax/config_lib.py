@@ -42,9 +42,10 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
           "needs one entry per entry of model.strides")
     _need(all(ch >= 1 for ch in m.channels), "model.channels", m.channels, "widths must be >= 1")
     _need(all(s in (1, 2) for s in m.strides), "model.strides", m.strides, "strides must be 1 or 2")
-    from iaf_jax.models.mnist_vae import BLOCKS
-    _need(m.get("block", "two_conv") in BLOCKS, "model.block", m.get("block"), f"must be one of {', '.join(BLOCKS)}")
-    _need(m.get("context_dim", 0) >= 0, "model.context_dim", m.get("context_dim"),
+    from iaf_jax.models.mnist_vae import BLOCKS, model_field
+    _need(model_field(m, "block") in BLOCKS, "model.block", model_field(m, "block"),
+          f"must be one of {', '.join(BLOCKS)}")
+    _need(model_field(m, "context_dim") >= 0, "model.context_dim", model_field(m, "context_dim"),
           "must be >= 0 (0 = the hidden layer is the IAF context)")
   if m.kind == "resnet_vae":
     from iaf_jax.models.resnet_vae import validate_resnet_vae  # its own checks, as one-line ConfigErrors

@@ -555,7 +555,7 @@ def _read_packed_npz(path):
                 return None
     except Exception:  # Not readable at all: _read_npz says so in one line.
         return None
-    splits = [s for s in ("x_train", "x_valid", "x_test")]
+    splits = ("x_train", "x_valid", "x_test")
     stored = _read_npz(path, ("image_shape",) + tuple(f"{s}_packbits" for s in ("x_train", "x_test")),
                        optional=tuple(f"{s}_{k}" for s in splits for k in ("packbits", "sha256")))
     h, w = (int(d) for d in stored["image_shape"])

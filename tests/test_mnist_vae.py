@@ -121,3 +121,13 @@ def test_wrong_image_shape_is_a_clear_error():
   model = _tiny()
   with pytest.raises(ValueError, match=r"expected images of shape \(8, 8, 1\)"):
     model.init(KEY, jnp.zeros((2, 9, 9, 1)), KEY)
+
+
+def test_config_saved_before_the_new_fields_builds_the_model_it_trained():
+  """A config.json written before model.block / context_dim / initial_log_std existed rebuilds the two-conv
+  model with the hidden layer as context and the log-std offset -2 it was trained with."""
+  cfg = mnist.get_config("diag").model
+  for name in ("block", "context_dim", "initial_log_std"):
+    del cfg[name]
+  model = build_model(cfg, (28, 28, 1))
+  assert (model.block, model.context_dim, model.initial_log_std) == ("two_conv", 0, -2.0)

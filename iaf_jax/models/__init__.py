@@ -20,15 +20,14 @@ def build_model(model_config, image_shape):
   """The model a config describes, for images of shape (H, W, C) (taken from the data)."""
   kind = model_config.kind
   if kind == "mnist_vae":
-    from iaf_jax.models.mnist_vae import MnistVAE
+    from iaf_jax.models.mnist_vae import MnistVAE, model_field
     return MnistVAE(image_shape=tuple(image_shape), latent_dim=model_config.latent_dim,
                     iaf_depth=model_config.iaf_depth, iaf_width=model_config.iaf_width,
                     learnt_sigma=model_config.learnt_sigma, likelihood=model_config.likelihood,
                     channels=tuple(model_config.channels), strides=tuple(model_config.strides),
                     hidden_dim=model_config.hidden_dim, weight_norm=model_config.weight_norm,
-                    # Runs saved before these fields existed were trained with the values given here.
-                    block=model_config.get("block", "two_conv"), context_dim=model_config.get("context_dim", 0),
-                    initial_log_std=model_config.get("initial_log_std", -2.0))
+                    block=model_field(model_config, "block"), context_dim=model_field(model_config, "context_dim"),
+                    initial_log_std=model_field(model_config, "initial_log_std"))
   if kind == "resnet_vae":
     from iaf_jax.models.resnet_vae import build_resnet_vae
     return build_resnet_vae(model_config, tuple(image_shape))

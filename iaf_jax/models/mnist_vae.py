@@ -32,6 +32,14 @@ from iaf_jax.layers import ConvTranspose2D, MaskedConv2D, MaskedDense
 # decoder has learnt to use z (posterior collapse: the 8x8 digits demo ended with KL 0.2 nats; docs/demo.md).
 INITIAL_LOG_STD = 0.0
 BLOCKS = ("report", "two_conv")
+# What runs saved before these config fields existed (2026-12-01) were trained with: one home for the
+# fallbacks of build_model, the config checks and the bench's FLOP count.
+FIELDS_OF_OLDER_RUNS = {"block": "two_conv", "context_dim": 0, "initial_log_std": -2.0}
+
+
+def model_field(model_config, name: str):
+  """config.model.<name>, or the value runs saved without the field were trained with."""
+  return model_config.get(name, FIELDS_OF_OLDER_RUNS[name])
 
 
 def _shortcut(x, features, strides, weight_norm):
