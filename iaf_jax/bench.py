@@ -318,16 +318,17 @@ def synthetic_images(key: int, n: int, shape, max_value: int) -> np.ndarray:
 
 
 def make_mesh(num_devices: int):
-  """train_lib's mesh over the first `num_devices` devices; a clear error when there are fewer."""
+  """The training mesh (sharding.make_mesh) over the first `num_devices` devices; a clear error when there are
+  fewer."""
   import jax
-  from iaf_jax import train_lib
+  from iaf_jax import sharding
 
   available = jax.devices()
   if len(available) < num_devices:
     raise BenchError(
         f"--devices {num_devices}: JAX sees {len(available)} {available[0].platform} device(s); on a CPU host set "
         f"XLA_FLAGS=--xla_force_host_platform_device_count={num_devices} in the environment before starting python")
-  return train_lib.make_mesh(num_devices)
+  return sharding.make_mesh(num_devices)
 
 
 class ConfigBench:
@@ -337,14 +338,14 @@ class ConfigBench:
   def __init__(self, spec: str, config, image_shape, args):
     import jax
 
-    from iaf_jax import train_lib
+    from iaf_jax import optim, train_lib
     from iaf_jax.models import build_model
 
     self.spec, self.config, self.image_shape, self.args = spec, config, tuple(image_shape), args
     self.likelihood = config.model.likelihood
     self.max_value = _MAX_VALUE.get(config.data.name, 255)
     self.model = build_model(config.model, self.image_shape)
-    self.optimizer = train_lib.make_optimizer(config.train)
+    self.optimizer = optim.make_optimizer(config.train)
     n = max(max(args.batch_sizes), args.is_examples)
     self.images = synthetic_images(args.seed, n, self.image_shape, self.max_value)
     _progress(f"{spec}: initialising {config.model.kind} for {'x'.join(map(str, self.image_shape))} images")
@@ -379,9 +380,8 @@ class ConfigBench:
   def row(self, batch: int, num_devices: int, ceiling: float) -> dict:
     """All measurements of one (config, batch, devices)."""
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from iaf_jax import train_lib
+    from iaf_jax import optim, sharding, train_lib
     from iaf_jax.eval_lib import median_seconds  # one home for the timing rule
 
     args, config = self.args, self.config
@@ -392,7 +392,7 @@ class ConfigBench:
       raise BenchError(f"--is_examples {is_examples} is not a multiple of --devices {num_devices}")
     label = f"{self.spec} batch {batch} devices {num_devices}"
     mesh = make_mesh(num_devices)
-    replicated, by_data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    replicated, by_data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     tc = config.train
 
     # As train_lib.train_and_evaluate: state replicated over the mesh, the global batch sharded over 'data'.
@@ -401,7 +401,7 @@ class ConfigBench:
     train_batch = jax.device_put(self.images[:batch], by_data)
     step_fn = jax.jit(train_lib.make_train_step(self.model, self.optimizer, likelihood=self.likelihood,
                                                 max_value=self.max_value, free_bits=tc.free_bits,
-                                                ema_decay=tc.ema_decay, fused_adamax=train_lib.fused_adamax(tc)),
+                                                ema_decay=tc.ema_decay, fused_adamax=optim.fused_adamax(tc)),
                      donate_argnums=0)
     _progress(f"{label}: compiling the update step ({self.num_params:,} parameters)")
     t = time.perf_counter()

@@ -15,6 +15,8 @@ from typing import Any, Callable, Optional
 import jax
 import orbax.checkpoint as ocp
 
+from iaf_jax import workdir as workdir_lib
+
 log = logging.getLogger(__name__)
 
 MIN_FREE_BYTES = 64 << 20  # refuse to start a run that could not write a single checkpoint
@@ -56,8 +58,8 @@ class CheckpointManager:
 
   def __init__(self, workdir: str, keep: int = 3):
     self.workdir = os.path.abspath(workdir)
-    self._latest = _manager(os.path.join(self.workdir, "checkpoints"), keep)
-    self._best = _manager(os.path.join(self.workdir, "best"), 1)
+    self._latest = _manager(workdir_lib.path(self.workdir, workdir_lib.CHECKPOINTS_DIR), keep)
+    self._best = _manager(workdir_lib.path(self.workdir, workdir_lib.BEST_DIR), 1)
     self._unreadable: set[int] = set()  # steps restore_latest skipped as damaged; deleted at the next save
 
   def steps(self) -> list[int]:

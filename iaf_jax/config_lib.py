@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
-
 import ml_collections
 
 from iaf_jax import data as data_lib
-
-CONFIG_FILE = "config.json"
-DATA_INFO_FILE = "data_info.json"  # image shape and pixel range: what a model is built for
-METRICS_FILE = "metrics.jsonl"     # one JSON record per line, appended by train_lib
+from iaf_jax.workdir import CONFIG_FILE, DATA_INFO_FILE
 # Sections that define what a checkpoint holds: resuming with other values here would mix two runs.
 _IDENTITY_SECTIONS = ("model", "data")
 
@@ -68,7 +63,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   _need(0 < t.lr_plateau_factor <= 1, "train.lr_plateau_factor", t.lr_plateau_factor, "must be in (0, 1]")
   _need(t.get("time_budget_minutes", 0.0) >= 0, "train.time_budget_minutes", t.get("time_budget_minutes"),
         "must be >= 0 (0 = off)")
-  from iaf_jax.train_lib import LR_SCHEDULES
+  from iaf_jax.optim import LR_SCHEDULES
   _need(t.get("lr_schedule", "constant") in LR_SCHEDULES, "train.lr_schedule", t.get("lr_schedule"),
         f"must be one of {', '.join(LR_SCHEDULES)}")
   k = t.get("num_importance_samples", 1)
@@ -150,21 +145,3 @@ def load_data_info(workdir: str) -> dict:
   info.setdefault("files", [])  # written before files/checksums were recorded
   info.setdefault("checksums", {})
   return info
-
-
-def read_metrics_records(workdir: str) -> Optional[list]:
-  """The JSON objects of workdir/metrics.jsonl in order, or None without the file. A line that does not parse
-  (one cut short by a crash mid-write) is left out."""
-  records = []
-  try:
-    with open(os.path.join(workdir, METRICS_FILE)) as f:
-      for line in f:
-        try:
-          rec = json.loads(line)
-        except ValueError:
-          continue
-        if isinstance(rec, dict):
-          records.append(rec)
-  except OSError:
-    return None
-  return records

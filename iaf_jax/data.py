@@ -180,6 +180,14 @@ def load_dataset(
   return ds
 
 
+def load_for_config(config) -> Dataset:
+  """The dataset a run's config describes (config.data, config.seed, config.model.likelihood): what training,
+  evaluation and the figures all load, the same way."""
+  d = config.data
+  return load_dataset(d.name, d.dir or None, validation_size=d.validation_size, seed=config.seed,
+                      likelihood=config.model.likelihood, max_train=d.max_train or None)
+
+
 def validate_for_likelihood(ds: Dataset, likelihood: str) -> None:
   """Raises DataError if `ds` cannot be modelled with `likelihood`."""
   _check_likelihood_name(ds.name, likelihood)
@@ -233,6 +241,18 @@ def fixed_subset(images, n: int, seed: int = 0):
   if n < 0:
     raise DataError(f"fixed_subset: n must be >= 0, got {n}")
   return images[np.sort(np.random.default_rng(seed).permutation(total)[:n])]
+
+
+def padded_batches(images, batch_size: int, pad_last: bool = True):
+  """(start, chunk, n) for consecutive chunks of `batch_size` examples, n of them real: a short last chunk is
+  padded with copies of its first example (`pad_last`), so every chunk has one shape and a jitted function
+  compiles once. Callers keep the first n rows of each result."""
+  for start in range(0, len(images), batch_size):
+    chunk = images[start:start + batch_size]
+    n = len(chunk)
+    if pad_last and n < batch_size:
+      chunk = np.concatenate([chunk, np.repeat(chunk[:1], batch_size - n, axis=0)])
+    yield start, chunk, n
 
 
 def array_sha256(arr) -> str:

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iaf_jax import data as data_lib
+from iaf_jax import data as data_lib, objectives
 
 ACTIVITY_THRESHOLD = 0.01   # Burda et al. 2016
 DEFAULT_NUM_SAMPLES = 16    # posterior samples per example where E_q[z] has no closed form
@@ -123,16 +123,8 @@ class _Moments:
 
 def _batches(images: np.ndarray, batch: int):
   """(index, chunk, number of real rows): a short last chunk is padded to the others' shape (one compile)."""
-  for b, start in enumerate(range(0, len(images), batch)):
-    chunk = images[start:start + batch]
-    n = len(chunk)
-    if n < batch < len(images):
-      chunk = np.concatenate([chunk, np.repeat(chunk[:1], batch - n, axis=0)])
-    yield b, chunk, n
-
-
-def _tile(a, s):
-  return jnp.broadcast_to(a, (s,) + a.shape).reshape(-1, *a.shape[1:])
+  for start, chunk, n in data_lib.padded_batches(images, batch, pad_last=batch < len(images)):
+    yield start // batch, chunk, n
 
 
 def _sample_moments(z, s):
@@ -181,7 +173,7 @@ def _mnist(model, params, images, likelihood, max_value, s, seed, threshold):
     if gaussian:
       mean, log_std, _ = model.apply(v, x, method="encode")
       return mean, log_std, jnp.zeros(x.shape[:1])
-    z, log_q = model.apply(v, _tile(x, s), k_z, method="posterior_sample")
+    z, log_q = model.apply(v, objectives.tile_samples(x, s), k_z, method="posterior_sample")
     log_p = model.apply(v, z, method="log_prior")
     m, var = _sample_moments(z, s)
     return m, var, jnp.mean((log_q - log_p).reshape(s, -1), 0)
@@ -225,7 +217,7 @@ def _resnet(model, params, images, likelihood, max_value, s, seed, threshold):
   def stats(key, chunk):
     k_bin, k_z = jax.random.split(key)
     x = _inputs(k_bin, chunk, likelihood, max_value)
-    zs, log_q, log_p, kl_c = model.apply(v, _tile(x, s), k_z, method=posterior)
+    zs, log_q, log_p, kl_c = model.apply(v, objectives.tile_samples(x, s), k_z, method=posterior)
     moments = [_sample_moments(z, s) for z in zs]
     kl_rung = jnp.stack([jnp.mean((q - p).reshape(s, -1), 0) for q, p in zip(log_q, log_p)], -1)   # [B, R]
     kl_chan = jnp.stack([jnp.mean(k.reshape(s, -1, k.shape[-1]), 0) for k in kl_c], 1)            # [B, R, C]

@@ -12,10 +12,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from iaf_jax import checkpoints, config_lib, data as data_lib, diagnostics, objectives, plots, train_lib
+from iaf_jax import checkpoints, config_lib, data as data_lib, diagnostics, objectives, optim, plots, sharding
+from iaf_jax import train_lib, workdir as workdir_lib
 from iaf_jax.models import build_model
+
 
 @dataclasses.dataclass
 class Run:
@@ -38,7 +39,7 @@ def load_run(workdir: str, checkpoint: str = "best", config: Optional[ml_collect
   info = config_lib.load_data_info(workdir)
   shape, max_value = tuple(info["image_shape"]), int(info["max_value"])
   model = build_model(config.model, shape)
-  optimizer = train_lib.make_optimizer(config.train)
+  optimizer = optim.make_optimizer(config.train)
   dummy = np.zeros((1, *shape), np.uint8)
   abstract = jax.eval_shape(lambda: train_lib.init_state(model, optimizer, dummy, config.seed,
                                                          likelihood=config.model.likelihood, max_value=max_value))
@@ -97,8 +98,7 @@ def evaluate(workdir: str, *, num_samples: int = 128, split: str = "test", check
       raise config_lib.ConfigError(f"--{flag}={value}: {what} must be >= {low}")
   run = load_run(workdir, checkpoint)
   c = run.config
-  ds = data_lib.load_dataset(c.data.name, c.data.dir or None, validation_size=c.data.validation_size, seed=c.seed,
-                             likelihood=c.model.likelihood, max_train=c.data.max_train or None)
+  ds = data_lib.load_for_config(c)
   if tuple(ds.image_shape) != run.image_shape:
     raise data_lib.DataError(f"{ds.name}: images are {ds.image_shape}, the checkpoint's model expects {run.image_shape}")
   images = _split_images(ds, split)
@@ -107,26 +107,22 @@ def evaluate(workdir: str, *, num_samples: int = 128, split: str = "test", check
     # A fixed random subset (data.fixed_subset, seed 0), the same for every run: binarized MNIST's test split
     # is grouped by digit, so its first N images are not a sample of it.
     images = data_lib.fixed_subset(images, max_examples)
-  mesh = train_lib.make_mesh()
+  mesh = sharding.make_mesh()
   n_dev = mesh.devices.size
-  bs = batch_size or c.eval.batch_size
-  bs = max(n_dev, bs // n_dev * n_dev)
+  bs = sharding.per_device_multiple(mesh, batch_size or c.eval.batch_size)
   fn = jax.jit(make_importance_eval(run.model, likelihood=c.model.likelihood, max_value=run.max_value,
                                     num_samples=num_samples, chunk_size=chunk_size or c.eval.chunk_size))
-  params = jax.device_put(run.params, NamedSharding(mesh, P()))
+  params = jax.device_put(run.params, sharding.replicated(mesh))
   elbos, log_pxs = [], []
   t0 = time.time()
-  for b, start in enumerate(range(0, len(images), bs)):
-    chunk = images[start:start + bs]
-    pad = bs - len(chunk)
-    padded = np.concatenate([chunk, np.repeat(chunk[:1], pad, axis=0)]) if pad else chunk
+  for b, (start, padded, n) in enumerate(data_lib.padded_batches(images, bs)):
     # The key depends only on (seed, batch): a binarised test set is the same for every checkpoint compared.
-    e, l = fn(params, jax.device_put(padded, NamedSharding(mesh, P("data"))),
+    e, l = fn(params, jax.device_put(padded, sharding.batch_sharded(mesh)),
               jax.random.fold_in(jax.random.PRNGKey(seed), b))
-    elbos.append(np.asarray(e)[:len(chunk)])
-    log_pxs.append(np.asarray(l)[:len(chunk)])
+    elbos.append(np.asarray(e)[:n])
+    log_pxs.append(np.asarray(l)[:n])
     if progress:
-      done = start + len(chunk)
+      done = start + n
       sys.stderr.write(f"\revaluating {done}/{len(images)} examples, K={num_samples}  "
                        f"{done / max(time.time() - t0, 1e-9):.1f} examples/s")
   if progress:
@@ -153,8 +149,7 @@ def evaluate(workdir: str, *, num_samples: int = 128, split: str = "test", check
         run.model, run.params, data_lib.fixed_subset(images, diagnostics_examples), likelihood=c.model.likelihood,
         max_value=run.max_value, num_samples=diagnostics_samples, seed=seed))
     result["diagnostics_seconds"] = time.time() - t1
-  path = os.path.join(workdir, f"eval_{split}_{checkpoint}_K{num_samples}.json")
-  config_lib.write_json_atomic(path, result)
+  config_lib.write_json_atomic(workdir_lib.eval_path(workdir, split, checkpoint, num_samples), result)
   print(format_row(result))
   return result
 
@@ -188,12 +183,13 @@ def sample(workdir: str, *, num: int = 64, checkpoint: str = "best", seed: int =
   key = jax.random.PRNGKey(seed)
   sample_fn = jax.jit(lambda p, k, n: model.apply({"params": p}, k, n, method="sample"), static_argnums=2)
   samples = np.asarray(sample_fn(params, key, num))
-  plots.save_image_grid(os.path.join(workdir, "samples.png"), samples)
+  samples_png, reconstructions_png = (workdir_lib.path(workdir, f) for f in (workdir_lib.SAMPLES_PNG,
+                                                                               workdir_lib.RECONSTRUCTIONS_PNG))
+  plots.save_image_grid(samples_png, samples)
   t_batched = median_seconds(lambda: sample_fn(params, key, num))
   t_single = median_seconds(lambda: sample_fn(params, key, 1))
 
-  ds = data_lib.load_dataset(c.data.name, c.data.dir or None, validation_size=c.data.validation_size, seed=c.seed,
-                             likelihood=c.model.likelihood, max_train=c.data.max_train or None)
+  ds = data_lib.load_for_config(c)
   # A fixed random subset, not the first images: binarized MNIST's test split is grouped by digit.
   originals = data_lib.fixed_subset(ds.test, min(num, len(ds.test)))
   lik = c.model.likelihood
@@ -204,7 +200,7 @@ def sample(workdir: str, *, num: int = 64, checkpoint: str = "best", seed: int =
 
   x, rec = jax.jit(recon)(params, key, originals)
   shown = np.asarray(x) if lik == "bernoulli" else np.asarray(x) / 255.0
-  plots.save_image_grid(os.path.join(workdir, "reconstructions.png"), np.concatenate([shown, np.asarray(rec)]),
+  plots.save_image_grid(reconstructions_png, np.concatenate([shown, np.asarray(rec)]),
                         ncols=min(len(originals), 16))
   forward = jax.jit(lambda p, xx, k: model.apply({"params": p}, xx, k))
   x1 = x[:1]
@@ -212,9 +208,8 @@ def sample(workdir: str, *, num: int = 64, checkpoint: str = "best", seed: int =
   result = {"workdir": os.path.abspath(workdir), "checkpoint_step": run.step, "num": num,
             "ms_per_image_batched": 1000 * t_batched / num, "ms_per_image_single": 1000 * t_single,
             "ms_forward": 1000 * t_forward, "device": str(jax.devices()[0].platform),
-            "samples_png": os.path.join(workdir, "samples.png"),
-            "reconstructions_png": os.path.join(workdir, "reconstructions.png")}
-  config_lib.write_json_atomic(os.path.join(workdir, "samples.json"), result)
+            "samples_png": samples_png, "reconstructions_png": reconstructions_png}
+  config_lib.write_json_atomic(workdir_lib.path(workdir, workdir_lib.SAMPLES_FILE), result)
   print(f"sampling: {result['ms_per_image_batched']:.3f} ms/image batched ({num}), "
         f"{result['ms_per_image_single']:.3f} ms/image single; forward pass {result['ms_forward']:.3f} ms "
         f"({result['device']}); wrote {result['samples_png']} and {result['reconstructions_png']}")

@@ -22,6 +22,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from iaf_jax import workdir as workdir_lib
+
 DPI = 100
 DEFAULT_NAMES = {
     "fig4": "fig4_posteriors.png", "fig5": "fig5_manifold.png", "fig6": "fig6_training_curves.png",
@@ -296,9 +298,9 @@ def training_curves(workdir: str) -> dict:
   """{'step', 'recon', 'kl'} arrays from workdir/metrics.jsonl: the training records (averages over each
   logging interval of the minibatch terms; the last record wins where a resumed run repeats a step)."""
   from iaf_jax import config_lib
-  records = config_lib.read_metrics_records(workdir)
+  records = workdir_lib.read_metrics_records(workdir)
   if records is None:
-    raise _config_error(f"{workdir}: no {config_lib.METRICS_FILE} (not a training workdir)")
+    raise _config_error(f"{workdir}: no {workdir_lib.METRICS_FILE} (not a training workdir)")
   by_step = {int(r["step"]): r for r in records if "step" in r and all(k in r for k in CURVE_KEYS)}
   steps = sorted(by_step)
   return {"step": np.array(steps), **{k: np.array([by_step[s][k] for s in steps], np.float64) for k in CURVE_KEYS}}
@@ -493,7 +495,7 @@ def fig_wallclock(workdirs: Sequence[str], out: str, *, dpi: int = DPI) -> dict:
   fig.subplots_adjust(left=0.1, right=0.98, bottom=0.12, top=0.93)
   finals = {}
   for i, w in enumerate(workdirs):
-    recs = config_lib.read_metrics_records(w) or []
+    recs = workdir_lib.read_metrics_records(w) or []
     wall = {r["step"]: r["wall_time"] for r in recs if "wall_time" in r and "neg_elbo" in r}
     pts = [(wall[r["step"]] / 60.0, r["valid_neg_elbo"]) for r in recs if "valid_neg_elbo" in r and r["step"] in wall]
     if not pts:

@@ -38,6 +38,12 @@ def vae_loss(terms: Mapping[str, jax.Array], free_bits: float = 0.0) -> tuple[ja
   return loss, {"loss": loss, "neg_elbo": recon + kl, "recon": recon, "kl": kl}
 
 
+def tile_samples(a: jax.Array, num_samples: int) -> jax.Array:
+  """[B, ...] -> [num_samples * B, ...]: num_samples copies of the batch, sample-major, the layout that
+  importance_weighted_loss and the models' log_weights (reshape(num_samples, B)) read back."""
+  return jnp.broadcast_to(a, (num_samples,) + a.shape).reshape(-1, *a.shape[1:])
+
+
 def importance_weighted_loss(terms: Mapping[str, jax.Array], num_samples: int) -> tuple[jax.Array, dict]:
   """Burda et al.'s k-sample importance-weighted bound as a loss (openai/iaf's hyperparameter `k`).
 

@@ -25,7 +25,7 @@ import re
 import sys
 from typing import Optional
 
-from iaf_jax import config_lib
+from iaf_jax import config_lib, workdir as workdir_lib
 
 
 class ReportError(config_lib.ConfigError):
@@ -164,7 +164,7 @@ def load_eval(path: str, split: str, k: Optional[int] = None) -> dict:
 def read_metrics(workdir: str) -> dict:
   """Training steps, wall time and stop reason from metrics.jsonl: its last record with a step (the 'end'
   summary of the last run when there is one). Unreadable lines (a crash mid-write) are ignored; no file -> {}."""
-  records = config_lib.read_metrics_records(workdir)
+  records = workdir_lib.read_metrics_records(workdir)
   if records is None:
     return {}
   last: dict = next((r for r in reversed(records) if isinstance(r.get("step"), (int, float))), {})
@@ -203,9 +203,9 @@ def read_run(workdir: str, split: str) -> dict:
   """One table row from one workdir; ReportError (MissingEval when it has no eval file on `split`)."""
   if not os.path.isdir(workdir):
     raise ReportError(f"{workdir}: not a directory")
-  cfg_path = os.path.join(workdir, config_lib.CONFIG_FILE)
+  cfg_path = os.path.join(workdir, workdir_lib.CONFIG_FILE)
   if not os.path.exists(cfg_path):
-    raise ReportError(f"{workdir}: no {config_lib.CONFIG_FILE} here; is this a training workdir?")
+    raise ReportError(f"{workdir}: no {workdir_lib.CONFIG_FILE} here; is this a training workdir?")
   config = _read_json(cfg_path, "config")
   if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
     raise ReportError(f"{cfg_path}: not a training config (no 'model' section)")
@@ -242,9 +242,9 @@ def expand_workdirs(paths: list[str]) -> list[str]:
   for p in paths:
     p = p.rstrip("/") or "/"
     subs = []
-    if os.path.isdir(p) and not os.path.exists(os.path.join(p, config_lib.CONFIG_FILE)):
+    if os.path.isdir(p) and not os.path.exists(os.path.join(p, workdir_lib.CONFIG_FILE)):
       subs = sorted(os.path.join(p, d) for d in os.listdir(p)
-                    if os.path.exists(os.path.join(p, d, config_lib.CONFIG_FILE)))
+                    if os.path.exists(os.path.join(p, d, workdir_lib.CONFIG_FILE)))
     for w in subs or [p]:
       real = os.path.realpath(w)
       if real not in seen:

@@ -28,7 +28,7 @@ import time
 import warnings
 from typing import Optional
 
-from iaf_jax import config_lib, report
+from iaf_jax import config_lib, report, workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TAIL_BYTES = 8192
@@ -118,7 +118,7 @@ def finished_run(workdir: str, config) -> Optional[dict]:
   'end' whose step reached config.train.num_steps, or that stopped early. None otherwise (train.py resumes)."""
   if config is None:
     return None
-  records = config_lib.read_metrics_records(workdir)
+  records = workdir_lib.read_metrics_records(workdir)
   last = records[-1] if records else None
   if not isinstance(last, dict) or last.get("event") != "end":
     return None

@@ -475,7 +475,7 @@ def test_published_checksum_match_and_unknown_files(tmp_path, caplog, monkeypatc
 
 
 def test_data_info_records_files_and_checksums(tmp_path):
-    from iaf_jax import config_lib
+    from iaf_jax import config_lib, workdir as workdir_lib
 
     write_cifar_parts(tmp_path)
     ds = load_dataset("cifar10", str(tmp_path), likelihood="logistic")
@@ -485,7 +485,7 @@ def test_data_info_records_files_and_checksums(tmp_path):
     assert info["checksums"] == ds.checksums and len(info["checksums"]) == 3
     assert info["image_shape"] == [8, 8, 3] and info["max_value"] == 255
     old = {k: v for k, v in info.items() if k not in ("files", "checksums")}
-    (tmp_path / config_lib.DATA_INFO_FILE).write_text(json.dumps(old))  # An older workdir.
+    (tmp_path / workdir_lib.DATA_INFO_FILE).write_text(json.dumps(old))  # An older workdir.
     assert config_lib.load_data_info(str(tmp_path))["checksums"] == {}
 
 

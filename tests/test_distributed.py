@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from helpers import REPO, tiny_config
-from iaf_jax import hostenv, train_lib
+from iaf_jax import hostenv, optim, sharding, train_lib
 from iaf_jax.models import build_model
 
 # Few steps, a loss logged every step, one validation (the multi-host gather) and at the same step the best and
@@ -126,7 +126,7 @@ def test_update_step_compiles_once_and_batches_are_prefetched(tmp_path, monkeypa
     return j
 
   prefetched = []
-  real_prefetch = train_lib.prefetch_batches
+  real_prefetch = sharding.prefetch_batches
 
   def recording_prefetch(*args, **kwargs):
     for batch in real_prefetch(*args, **kwargs):
@@ -135,7 +135,7 @@ def test_update_step_compiles_once_and_batches_are_prefetched(tmp_path, monkeypa
 
   monkeypatch.setattr(train_lib, "make_train_step", counting_make)
   monkeypatch.setattr(train_lib.jax, "jit", recording_jit)
-  monkeypatch.setattr(train_lib, "prefetch_batches", recording_prefetch)
+  monkeypatch.setattr(sharding, "prefetch_batches", recording_prefetch)
   # Validation every 2 steps without improvement (patience 1) halves the learning rate in the state.
   cfg = tiny_config(**{"train.num_steps": 8, "train.log_every": 2, "train.eval_every": 2,
                        "train.checkpoint_every": 4, "train.lr_plateau_patience": 1, "train.lr_plateau_factor": 0.5,
@@ -152,9 +152,9 @@ def test_update_step_compiles_once_and_batches_are_prefetched(tmp_path, monkeypa
 
 
 def test_prefetch_batches_follow_the_step_order():
-  mesh = train_lib.make_mesh()
+  mesh = sharding.make_mesh()
   images = np.arange(40, dtype=np.uint8).reshape(40, 1, 1, 1)
-  it = train_lib.prefetch_batches(mesh, images, 8, first_step=3, seed=5)
+  it = sharding.prefetch_batches(mesh, images, 8, first_step=3, seed=5)
   from iaf_jax import data as data_lib
   for step in range(3, 9):
     np.testing.assert_array_equal(np.asarray(next(it)), images[data_lib.batch_indices(40, 8, step, 5)])
@@ -165,7 +165,7 @@ def _tiny_state():
   model would binarise it)."""
   cfg = tiny_config(**{"model.likelihood": "logistic"})
   model = build_model(cfg.model, (8, 8, 1))
-  opt = train_lib.make_optimizer(cfg.train)
+  opt = optim.make_optimizer(cfg.train)
   images = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 1)).astype(np.float32)
   return cfg, model, opt, images, train_lib.init_state(model, opt, images, 0, likelihood="logistic", max_value=255)
 
@@ -188,9 +188,9 @@ def test_fused_adamax_update_equals_optax():
   cfg, _, opt, _, state = _tiny_state()
   rng = np.random.default_rng(1)
   update = lambda adamax: jax.jit(lambda s, g, ok: s.replace(step=s.step + 1, **dict(zip(
-      ("params", "ema_params", "opt_state"), train_lib._apply_update(s, g, ok, opt, 0.99, adamax)))))
-  generic, fused = update(None), update(train_lib.fused_adamax(cfg.train))
-  assert train_lib.fused_adamax(cfg.train) == (cfg.train.b1, cfg.train.b2, train_lib.ADAMAX_EPS)
+      ("params", "ema_params", "opt_state"), optim.apply_update(s, g, ok, opt, 0.99, adamax)))))
+  generic, fused = update(None), update(optim.fused_adamax(cfg.train))
+  assert optim.fused_adamax(cfg.train) == (cfg.train.b1, cfg.train.b2, optim.ADAMAX_EPS)
   a = b = state
   for i in range(5):
     grads = jax.tree_util.tree_map(lambda p: rng.normal(size=p.shape).astype(np.float32), state.params)
@@ -206,7 +206,7 @@ def test_fused_adamax_train_step_matches_optax(nonfinite_at):
   cfg, model, opt, images, state = _tiny_state()
   kw = dict(likelihood="logistic", max_value=255, free_bits=0.0, ema_decay=0.99)
   generic = jax.jit(train_lib.make_train_step(model, opt, **kw))
-  fused = jax.jit(train_lib.make_train_step(model, opt, fused_adamax=train_lib.fused_adamax(cfg.train), **kw))
+  fused = jax.jit(train_lib.make_train_step(model, opt, fused_adamax=optim.fused_adamax(cfg.train), **kw))
   a = b = state
   for i in range(4):
     x = images.copy()
@@ -219,8 +219,8 @@ def test_fused_adamax_train_step_matches_optax(nonfinite_at):
 
 
 def test_fused_adamax_only_for_plain_adamax():
-  assert train_lib.fused_adamax(tiny_config(**{"train.optimizer": "adam"}).train) is None
-  assert train_lib.fused_adamax(tiny_config(**{"train.grad_clip_norm": 1.0}).train) is None
+  assert optim.fused_adamax(tiny_config(**{"train.optimizer": "adam"}).train) is None
+  assert optim.fused_adamax(tiny_config(**{"train.grad_clip_norm": 1.0}).train) is None
 
 
 def test_hugepages_env(monkeypatch):

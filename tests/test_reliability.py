@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from helpers import REPO, cli_flags, run_cli, tiny_config
-from iaf_jax import checkpoints, cli, config_lib, data as data_lib, eval_lib, train_lib
+from iaf_jax import checkpoints, cli, config_lib, data as data_lib, eval_lib, sharding, train_lib
 
 CONFIG = "--config=configs/mnist.py:demo"
 
@@ -311,7 +311,7 @@ def test_many_consecutive_nonfinite_steps_stop_the_run_with_good_checkpoints(tmp
   max_consecutive_nonfinite=4 of them in a row the run stops with a TrainingError (exit status 3, one line)."""
   first_bad = 7
   calls = {"n": 0}
-  real_global_batch, real_model_inputs = train_lib.global_batch, data_lib.model_inputs
+  real_global_batch, real_model_inputs = sharding.global_batch, data_lib.model_inputs
 
   def global_batch(mesh, images):  # called once per step, in order, by the loop of a fresh run
     calls["n"] += 1
@@ -324,7 +324,7 @@ def test_many_consecutive_nonfinite_steps_stop_the_run_with_good_checkpoints(tmp
     x = real_model_inputs(key, images, likelihood, max_value)
     return jnp.where(jnp.max(images) > max_value, jnp.nan, x)
 
-  monkeypatch.setattr(train_lib, "global_batch", global_batch)
+  monkeypatch.setattr(sharding, "global_batch", global_batch)
   monkeypatch.setattr(data_lib, "model_inputs", model_inputs)
   workdir = str(tmp_path / "run")
   cfg = tiny_config(**{"train.num_steps": 40, "train.checkpoint_every": 2, "train.log_every": 1,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from helpers import tiny_config
-from iaf_jax import api, checkpoints, config_lib, eval_lib, train_lib
+from iaf_jax import api, checkpoints, config_lib, eval_lib, optim, train_lib
 from iaf_jax.models import build_model
 
 
@@ -62,7 +62,7 @@ def test_resume_refuses_incompatible_config(trained):
 def test_nonfinite_steps_are_skipped_and_counted():
   cfg = tiny_config(**{"model.likelihood": "logistic"})
   model = build_model(cfg.model, (8, 8, 1))
-  opt = train_lib.make_optimizer(cfg.train)
+  opt = optim.make_optimizer(cfg.train)
   images = np.random.default_rng(0).integers(0, 256, (16, 8, 8, 1)).astype(np.float32)
   state = train_lib.init_state(model, opt, images, 0, likelihood="logistic", max_value=255)
   step = jax.jit(train_lib.make_train_step(model, opt, likelihood="logistic", max_value=255, free_bits=0.0,
@@ -175,9 +175,9 @@ def test_time_budget_stops_the_run_and_a_rerun_stays_stopped(tmp_path):
 
 
 def test_cosine_schedule_decays_from_base_to_min():
-  lrs = [train_lib.scheduled_learning_rate("cosine", 0.004, p, 1e-5) for p in np.linspace(0, 1, 11)]
+  lrs = [optim.scheduled_learning_rate("cosine", 0.004, p, 1e-5) for p in np.linspace(0, 1, 11)]
   assert lrs[0] == pytest.approx(0.004) and lrs[-1] == pytest.approx(1e-5)
   assert all(a > b for a, b in zip(lrs, lrs[1:]))
-  assert train_lib.scheduled_learning_rate("constant", 0.004, 0.7, 1e-5) == 0.004
+  assert optim.scheduled_learning_rate("constant", 0.004, 0.7, 1e-5) == 0.004
   with pytest.raises(config_lib.ConfigError, match="lr_schedule"):
     config_lib.validate_config(tiny_config(**{"train.lr_schedule": "linear"}))

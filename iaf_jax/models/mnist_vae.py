@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iaf_jax import distributions as dist
+from iaf_jax import distributions as dist, objectives
 from iaf_jax.flows import IAFFlow
 from iaf_jax.layers import ConvTranspose2D, MaskedConv2D, MaskedDense
 
@@ -233,7 +233,7 @@ class MnistVAE(nn.Module):
   def log_weights(self, x, key, num_samples):
     """[num_samples, B] importance log weights; the encoder runs once, the K samples go through as one batch."""
     mean, log_std, h = self.encode(x)
-    tile = lambda a: jnp.broadcast_to(a, (num_samples,) + a.shape).reshape(-1, *a.shape[1:])
+    tile = lambda a: objectives.tile_samples(a, num_samples)
     z, log_q = self.posterior_sample_from_encoding((tile(mean), tile(log_std), tile(h)), key)
     log_w = self.log_likelihood(tile(x), z) + self.log_prior(z) - log_q
     return log_w.reshape(num_samples, x.shape[0])
