@@ -16,65 +16,46 @@ class ConfigError(ValueError):
   """A bad config value: one line naming the field."""
 
 
-def _need(cond: bool, field: str, value, what: str) -> None:
+def need(cond: bool, field: str, value, what: str) -> None:
+  """A ConfigError 'config.<field>=<value>: <what>' unless `cond` (the models' checks use it too)."""
   if not cond:
     raise ConfigError(f"config.{field}={value!r}: {what}")
 
 
 def validate_config(c: ml_collections.ConfigDict) -> None:
   m, t, e, d = c.model, c.train, c.eval, c.data
-  _need(d.name in data_lib.DATASET_NAMES, "data.name", d.name, f"must be one of {', '.join(data_lib.DATASET_NAMES)}")
-  _need(d.validation_size >= 0, "data.validation_size", d.validation_size, "must be >= 0")
-  _need(m.likelihood in data_lib.LIKELIHOODS, "model.likelihood", m.likelihood,
+  need(d.name in data_lib.DATASET_NAMES, "data.name", d.name, f"must be one of {', '.join(data_lib.DATASET_NAMES)}")
+  need(d.validation_size >= 0, "data.validation_size", d.validation_size, "must be >= 0")
+  need(m.likelihood in data_lib.LIKELIHOODS, "model.likelihood", m.likelihood,
         f"must be one of {', '.join(data_lib.LIKELIHOODS)}")
-  _need(m.kind in ("mnist_vae", "resnet_vae"), "model.kind", m.kind, "must be 'mnist_vae' or 'resnet_vae'")
-  if m.kind == "mnist_vae":
-    _need(m.latent_dim >= 1, "model.latent_dim", m.latent_dim, "must be >= 1")
-    _need(0 <= m.iaf_depth, "model.iaf_depth", m.iaf_depth, "must be >= 0")
-    _need(m.iaf_width >= 1, "model.iaf_width", m.iaf_width, "must be >= 1")
-    _need(m.hidden_dim >= 1, "model.hidden_dim", m.hidden_dim, "must be >= 1")
-    _need(len(m.channels) == len(m.strides) and len(m.channels) > 0, "model.channels", m.channels,
-          "needs one entry per entry of model.strides")
-    _need(all(ch >= 1 for ch in m.channels), "model.channels", m.channels, "widths must be >= 1")
-    _need(all(s in (1, 2) for s in m.strides), "model.strides", m.strides, "strides must be 1 or 2")
-    from iaf_jax.models.mnist_vae import BLOCKS, model_field
-    _need(model_field(m, "block") in BLOCKS, "model.block", model_field(m, "block"),
-          f"must be one of {', '.join(BLOCKS)}")
-    _need(model_field(m, "context_dim") >= 0, "model.context_dim", model_field(m, "context_dim"),
-          "must be >= 0 (0 = the hidden layer is the IAF context)")
-  if m.kind == "resnet_vae":
-    from iaf_jax.models.resnet_vae import validate_resnet_vae  # its own checks, as one-line ConfigErrors
-    try:
-      validate_resnet_vae(None, h_size=m.h_size, z_size=m.z_size, depth=m.depth, num_blocks=m.num_blocks,
-                          iaf=m.iaf, likelihood=m.likelihood, input_stride=m.input_stride,
-                          mixture_components=m.mixture_components, kl_groups=m.kl_groups)
-    except ValueError as err:
-      raise ConfigError(f"config.model: {err}") from None
-  _need(t.optimizer in ("adamax", "adam"), "train.optimizer", t.optimizer, "must be 'adamax' or 'adam'")
-  _need(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "must be > 0")
-  _need(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
-  _need(t.num_steps >= 0, "train.num_steps", t.num_steps, "must be >= 0")
-  _need(0.0 <= t.ema_decay < 1.0, "train.ema_decay", t.ema_decay, "must be in [0, 1)")
-  _need(t.free_bits >= 0, "train.free_bits", t.free_bits, "(lambda) must be >= 0")
-  _need(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
-  _need(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "must be >= 1")
-  _need(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0 (0 = off)")
-  _need(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
-  _need(0 < t.lr_plateau_factor <= 1, "train.lr_plateau_factor", t.lr_plateau_factor, "must be in (0, 1]")
-  _need(t.get("time_budget_minutes", 0.0) >= 0, "train.time_budget_minutes", t.get("time_budget_minutes"),
+  from iaf_jax.models import MODEL_KINDS, validate_model_config
+  need(m.kind in MODEL_KINDS, "model.kind", m.kind, f"must be one of {', '.join(MODEL_KINDS)}")
+  validate_model_config(m)  # the kind's own checks, as one-line ConfigErrors
+  need(t.optimizer in ("adamax", "adam"), "train.optimizer", t.optimizer, "must be 'adamax' or 'adam'")
+  need(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "must be > 0")
+  need(t.batch_size >= 1, "train.batch_size", t.batch_size, "must be >= 1")
+  need(t.num_steps >= 0, "train.num_steps", t.num_steps, "must be >= 0")
+  need(0.0 <= t.ema_decay < 1.0, "train.ema_decay", t.ema_decay, "must be in [0, 1)")
+  need(t.free_bits >= 0, "train.free_bits", t.free_bits, "(lambda) must be >= 0")
+  need(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
+  need(t.checkpoint_every >= 1, "train.checkpoint_every", t.checkpoint_every, "must be >= 1")
+  need(t.eval_every >= 0, "train.eval_every", t.eval_every, "must be >= 0 (0 = off)")
+  need(t.keep_checkpoints >= 1, "train.keep_checkpoints", t.keep_checkpoints, "must be >= 1")
+  need(0 < t.lr_plateau_factor <= 1, "train.lr_plateau_factor", t.lr_plateau_factor, "must be in (0, 1]")
+  need(t.get("time_budget_minutes", 0.0) >= 0, "train.time_budget_minutes", t.get("time_budget_minutes"),
         "must be >= 0 (0 = off)")
   from iaf_jax.optim import LR_SCHEDULES
-  _need(t.get("lr_schedule", "constant") in LR_SCHEDULES, "train.lr_schedule", t.get("lr_schedule"),
+  need(t.get("lr_schedule", "constant") in LR_SCHEDULES, "train.lr_schedule", t.get("lr_schedule"),
         f"must be one of {', '.join(LR_SCHEDULES)}")
   k = t.get("num_importance_samples", 1)
-  _need(isinstance(k, int) and k >= 1, "train.num_importance_samples", k, "(k) must be an integer >= 1")
-  _need(k == 1 or t.free_bits == 0, "train.num_importance_samples", k,
+  need(isinstance(k, int) and k >= 1, "train.num_importance_samples", k, "(k) must be an integer >= 1")
+  need(k == 1 or t.free_bits == 0, "train.num_importance_samples", k,
         "k > 1 trains on the importance-weighted bound, which has no free-bits form: set train.free_bits=0")
-  _need(t.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite", t.max_consecutive_nonfinite,
+  need(t.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite", t.max_consecutive_nonfinite,
         "must be >= 1")
-  _need(e.num_samples >= 1, "eval.num_samples", e.num_samples, "(K) must be >= 1")
-  _need(e.chunk_size >= 1, "eval.chunk_size", e.chunk_size, "must be >= 1")
-  _need(e.batch_size >= 1, "eval.batch_size", e.batch_size, "must be >= 1")
+  need(e.num_samples >= 1, "eval.num_samples", e.num_samples, "(K) must be >= 1")
+  need(e.chunk_size >= 1, "eval.chunk_size", e.chunk_size, "must be >= 1")
+  need(e.batch_size >= 1, "eval.batch_size", e.batch_size, "must be >= 1")
 
 
 def to_dict(c: ml_collections.ConfigDict) -> dict:

@@ -13,22 +13,43 @@ x is float [B, H, W, C]: {0, 1} for a Bernoulli likelihood, pixel values 0..255 
 
 from __future__ import annotations
 
-MODEL_KINDS = ("mnist_vae", "resnet_vae")
+import dataclasses
+import importlib
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelKind:
+  """A value of config.model.kind: its module (imported on first use, so `import iaf_jax.models` needs no flax)
+  and the names there of its builder, (model_config, image_shape) -> Module, and of its config check,
+  (model_config) -> None or a one-line ConfigError."""
+  module: str
+  builder: str
+  validator: str = "validate_config"
+
+  def function(self, name: str):
+    return getattr(importlib.import_module(self.module), name)
+
+
+# The one list of model kinds: config checks, build_model and the tools read it.
+MODEL_KINDS = {
+    "mnist_vae": ModelKind("iaf_jax.models.mnist_vae", "build_mnist_vae"),
+    "resnet_vae": ModelKind("iaf_jax.models.resnet_vae", "build_resnet_vae"),
+}
+
+
+def _kind(model_config) -> ModelKind:
+  if model_config.kind not in MODEL_KINDS:
+    raise ValueError(f"config.model.kind must be one of {tuple(MODEL_KINDS)}, got {model_config.kind!r}")
+  return MODEL_KINDS[model_config.kind]
+
+
+def validate_model_config(model_config) -> None:
+  """The checks of config.model's kind on its fields (before any data is loaded)."""
+  kind = _kind(model_config)
+  kind.function(kind.validator)(model_config)
 
 
 def build_model(model_config, image_shape):
   """The model a config describes, for images of shape (H, W, C) (taken from the data)."""
-  kind = model_config.kind
-  if kind == "mnist_vae":
-    from iaf_jax.models.mnist_vae import MnistVAE, model_field
-    return MnistVAE(image_shape=tuple(image_shape), latent_dim=model_config.latent_dim,
-                    iaf_depth=model_config.iaf_depth, iaf_width=model_config.iaf_width,
-                    learnt_sigma=model_config.learnt_sigma, likelihood=model_config.likelihood,
-                    channels=tuple(model_config.channels), strides=tuple(model_config.strides),
-                    hidden_dim=model_config.hidden_dim, weight_norm=model_config.weight_norm,
-                    block=model_field(model_config, "block"), context_dim=model_field(model_config, "context_dim"),
-                    initial_log_std=model_field(model_config, "initial_log_std"))
-  if kind == "resnet_vae":
-    from iaf_jax.models.resnet_vae import build_resnet_vae
-    return build_resnet_vae(model_config, tuple(image_shape))
-  raise ValueError(f"config.model.kind must be one of {MODEL_KINDS}, got {kind!r}")
+  kind = _kind(model_config)
+  return kind.function(kind.builder)(model_config, tuple(image_shape))

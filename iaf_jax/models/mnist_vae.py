@@ -13,6 +13,7 @@ everywhere. Feature-map sizes follow the input, so any HxWxC works.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import flax.linen as nn
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iaf_jax import distributions as dist, objectives
+from iaf_jax import config_lib, distributions as dist, objectives
 from iaf_jax.flows import IAFFlow
 from iaf_jax.layers import ConvTranspose2D, MaskedConv2D, MaskedDense
 
@@ -244,3 +245,29 @@ class MnistVAE(nn.Module):
   def reconstruct(self, x, key):
     z, _ = self.posterior_sample(x, key)
     return self.mean_image(z)
+
+
+def validate_config(m) -> None:
+  """config.model's MnistVAE fields, checked before any work (one-line ConfigErrors naming the field)."""
+  need = config_lib.need
+  need(m.latent_dim >= 1, "model.latent_dim", m.latent_dim, "must be >= 1")
+  need(0 <= m.iaf_depth, "model.iaf_depth", m.iaf_depth, "must be >= 0")
+  need(m.iaf_width >= 1, "model.iaf_width", m.iaf_width, "must be >= 1")
+  need(m.hidden_dim >= 1, "model.hidden_dim", m.hidden_dim, "must be >= 1")
+  need(len(m.channels) == len(m.strides) and len(m.channels) > 0, "model.channels", m.channels,
+       "needs one entry per entry of model.strides")
+  need(all(ch >= 1 for ch in m.channels), "model.channels", m.channels, "widths must be >= 1")
+  need(all(s in (1, 2) for s in m.strides), "model.strides", m.strides, "strides must be 1 or 2")
+  need(model_field(m, "block") in BLOCKS, "model.block", model_field(m, "block"), f"must be one of {', '.join(BLOCKS)}")
+  need(model_field(m, "context_dim") >= 0, "model.context_dim", model_field(m, "context_dim"),
+       "must be >= 0 (0 = the hidden layer is the IAF context)")
+
+
+def build_mnist_vae(model_config, image_shape) -> MnistVAE:
+  """The MnistVAE `config.model` describes, for images of shape (H, W, C): each field of the module from the
+  config field of the same name (model_field for those older runs' configs lack), sequences as tuples (a flax
+  module's fields must be hashable)."""
+  names = [f.name for f in dataclasses.fields(MnistVAE) if f.name not in ("parent", "name", "image_shape")]
+  value = lambda n: model_field(model_config, n) if n in FIELDS_OF_OLDER_RUNS else model_config[n]
+  kwargs = {n: tuple(v) if isinstance(v, (list, tuple)) else v for n, v in ((n, value(n)) for n in names)}
+  return MnistVAE(image_shape=tuple(image_shape), **kwargs)

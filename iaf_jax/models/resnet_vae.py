@@ -469,10 +469,10 @@ def _field(cfg, name, default):
     return default
 
 
-def build_resnet_vae(model_config, image_shape) -> ResNetVAE:
-  """The ResNetVAE `config.model` describes (configs/cifar10.py), for images of shape (H, W, C)."""
-  kwargs = dict(
-      image_shape=tuple(int(d) for d in image_shape),
+def _resnet_vae_kwargs(model_config, image_shape) -> dict:
+  """ResNetVAE's arguments from `config.model`; a field older runs' configs lack takes the value they ran with."""
+  return dict(
+      image_shape=None if image_shape is None else tuple(int(d) for d in image_shape),
       h_size=int(_field(model_config, "h_size", 160)),
       z_size=int(_field(model_config, "z_size", 32)),
       depth=int(_field(model_config, "depth", 2)),
@@ -488,7 +488,25 @@ def build_resnet_vae(model_config, image_shape) -> ResNetVAE:
       # Absent from the config.json of runs made before scanning existed: those keep their unrolled layout.
       scan_rungs=bool(_field(model_config, "scan_rungs", False)),
   )
-  validate_resnet_vae(kwargs["image_shape"], **{k: kwargs[k] for k in (
-      "h_size", "z_size", "depth", "num_blocks", "iaf", "likelihood", "input_stride", "mixture_components",
-      "kl_groups")})
+
+
+_VALIDATED = ("image_shape", "h_size", "z_size", "depth", "num_blocks", "iaf", "likelihood", "input_stride",
+              "mixture_components", "kl_groups")
+
+
+def validate_config(model_config) -> None:
+  """config.model's ResNet VAE settings, checked before the data is loaded (one-line ConfigErrors)."""
+  from iaf_jax.config_lib import ConfigError
+  kwargs = _resnet_vae_kwargs(model_config, None)
+  try:
+    validate_resnet_vae(**{k: kwargs[k] for k in _VALIDATED})
+  except ValueError as err:
+    raise ConfigError(f"config.model: {err}") from None
+
+
+def build_resnet_vae(model_config, image_shape) -> ResNetVAE:
+  """The ResNetVAE `config.model` describes (configs/cifar10.py), for images of shape (H, W, C). Checked here
+  with the image shape (a ValueError), before any parameter exists."""
+  kwargs = _resnet_vae_kwargs(model_config, image_shape)
+  validate_resnet_vae(**{k: kwargs[k] for k in _VALIDATED})
   return ResNetVAE(**kwargs)
