@@ -1,5 +1,5 @@
 """Pictures written by the commands: image grids (samples, reconstructions) and the matplotlib helpers of the
-report's figures (iaf_jax/figures.py). Every image grid of the project is built by `image_grid`."""
+report's figures (iaf_jax/experiments/figures.py). Every image grid of the project is built by `image_grid`."""
 from __future__ import annotations
 
 import numpy as np

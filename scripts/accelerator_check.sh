@@ -15,7 +15,7 @@ minutes=${MINUTES:-4}
 quick=()
 if [ "${QUICK:-0}" = 1 ]; then quick=(--quick); minutes=0.2; fi
 "$py" -c "import jax; print('devices:', jax.devices())"
-"$py" -m iaf_jax.bench "${quick[@]}" --batch 64 --repeats 3 --steps 10 --json "$out/bench.json" \
+"$py" -m iaf_jax.experiments.bench "${quick[@]}" --batch 64 --repeats 3 --steps 10 --json "$out/bench.json" \
   --configs "mnist:diag,mnist:iaf_d2_w320,mnist:iaf_d8_w1920,mnist:diag@model.block=two_conv@model.context_dim=0,mnist:iaf_d2_w320@model.block=two_conv@model.context_dim=0,cifar10:rungs4_iaf,cifar10:rungs20_iaf"
 "$py" train.py --config=configs/mnist.py:iaf_d2_w320 --workdir="$out/iaf_d2_w320" --config.data.dir="$data" \
   --config.train.time_budget_minutes="$minutes"

@@ -1,4 +1,4 @@
-"""python -m iaf_jax.bench: the JSON it writes (keys, finite positive numbers, FLOP bookkeeping) and its errors.
+"""python -m iaf_jax.experiments.bench: the JSON it writes (keys, finite positive numbers, FLOP bookkeeping) and its errors.
 
 The end-to-end test runs the bench as a subprocess with --quick on one tiny MNIST config at batch 8 and 16. It
 checks the bench's bookkeeping, not the speed of the code, so the subprocess compiles at LLVM optimisation level
@@ -14,7 +14,8 @@ import jax
 import pytest
 
 from helpers import REPO
-from iaf_jax import bench, hostenv
+from iaf_jax import hostenv
+from iaf_jax.experiments import bench
 
 MACHINE_KEYS = ("platform", "device_kind", "cpu_count", "jax", "date")
 
@@ -22,7 +23,7 @@ MACHINE_KEYS = ("platform", "device_kind", "cpu_count", "jax", "date")
 def _run_bench(*args, timeout=300):
   flags = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
   env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS=flags)
-  return subprocess.run([sys.executable, "-m", "iaf_jax.bench", *args], cwd=REPO, env=env, capture_output=True,
+  return subprocess.run([sys.executable, "-m", "iaf_jax.experiments.bench", *args], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=timeout)
 
 

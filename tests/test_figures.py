@@ -1,4 +1,4 @@
-"""Figures 4-9, the samples grids and the collapse diagnostic (iaf_jax/figures.py, iaf_jax/diagnostics.py) on
+"""Figures 4-9, the samples grids and the collapse diagnostic (iaf_jax/experiments/figures.py, iaf_jax/diagnostics.py) on
 two tiny trained runs: an MNIST-architecture VAE with a 2-D latent on the scikit-learn digits, and a 4-rung IAF
 ResNet VAE on CIFAR-shaped mock data."""
 import json
@@ -11,7 +11,8 @@ import pytest
 
 from helpers import tiny_config  # also puts configs/ on sys.path
 import cifar10  # noqa: E402  (configs/cifar10.py)
-from iaf_jax import data as data_lib, diagnostics, eval_lib, figures, plots, train_lib
+from iaf_jax import data as data_lib, diagnostics, eval_lib, plots, train_lib
+from iaf_jax.experiments import figures
 from iaf_jax.models.mnist_vae import MnistVAE
 
 

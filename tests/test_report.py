@@ -1,4 +1,4 @@
-"""iaf_jax.report (the report's tables from evaluated workdirs) and iaf_jax.sweep (one process per row).
+"""iaf_jax.experiments.report (the report's tables from evaluated workdirs) and iaf_jax.experiments.sweep (one process per row).
 
 One module-scoped sweep trains and evaluates a tiny row through train.py / evaluate.py subprocesses next to
 a row that fails; the report tests read that real eval JSON."""
@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from helpers import REPO, TINY_OVERRIDES, cli_flags
-from iaf_jax import report, sweep
+from iaf_jax.experiments import report, sweep
 
 # The tiny model of helpers.py, with each row keeping its own IAF depth; 2 steps, one validation (-> best/).
 TINY = {k: v for k, v in TINY_OVERRIDES.items() if k != "model.iaf_depth"}
@@ -43,7 +43,7 @@ def one_error_line(stderr):
 def swept(tmp_path_factory):
   """A sweep of 2 rows: iaf_d2_w320 fails (a bad override for that row only), then diag trains and evaluates."""
   root = str(tmp_path_factory.mktemp("sweep") / "table1")
-  r = run_module("iaf_jax.sweep", *SWEEP_FLAGS, "--rows=iaf_d2_w320,diag", f"--root={root}",
+  r = run_module("iaf_jax.experiments.sweep", *SWEEP_FLAGS, "--rows=iaf_d2_w320,diag", f"--root={root}",
                  "--row_override=iaf_d2_w320:model.no_such_field=1", "--", *tiny_flags())
   return root, r
 
@@ -257,7 +257,7 @@ def test_report_cli_error_and_skip_missing(swept, tmp_path, capsys):
   good = os.path.join(root, "diag")
   bare = str(tmp_path / "bare")
   shutil.copytree(good, bare, ignore=shutil.ignore_patterns("eval_*"))
-  r = run_module("iaf_jax.report", "--workdirs", good, bare)
+  r = run_module("iaf_jax.experiments.report", "--workdirs", good, bare)
   assert r.returncode == 2 and bare in one_error_line(r.stderr) and r.stdout == ""
   assert report.main(["--workdirs", good, bare, "--skip_missing", "--format", "csv"]) == 0
   out, err = capsys.readouterr()

@@ -1,7 +1,7 @@
 """Throughput benchmark: training, importance-sampling evaluation and prior sampling on synthetic images.
 
-  python -m iaf_jax.bench [--configs mnist:diag,cifar10:rungs4_iaf] [--batch 64] [--devices 1,2] [--repeats 5]
-                          [--steps 10] [--json out.json] [--override model.h_size=64] [--quick]
+  python -m iaf_jax.experiments.bench [--configs mnist:diag,cifar10:rungs4_iaf] [--batch 64] [--devices 1,2]
+                                      [--repeats 5] [--steps 10] [--json out.json] [--override model.h_size=64] [--quick]
 
 One row per (config, batch, devices), every time measured after compilation with `jax.block_until_ready`:
 
@@ -22,7 +22,7 @@ Images are synthetic uint8 of the shape of the config's dataset (MNIST configs 2
 --image_shape overrides), so no dataset files are needed; throughput does not depend on pixel values. With
 N > 1 devices the update step runs as train_lib runs it: a 1-D 'data' mesh over the first N devices, the
 (global) batch sharded over it, the state replicated. On a CPU host extra devices must be requested before
-JAX starts: `python -m iaf_jax.bench --devices 1,2` restarts itself with
+JAX starts: `python -m iaf_jax.experiments.bench --devices 1,2` restarts itself with
 XLA_FLAGS=--xla_force_host_platform_device_count=2 (both rows then run in that process, at the same global
 batch). It also restarts with glibc's malloc on transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1,
 see docs/performance.md; IAF_JAX_HUGEPAGES=0 turns that off). Called as a library (main(argv)) it does neither.
@@ -46,7 +46,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from iaf_jax.experiments import REPO
+
 CONFIG_DIR = os.path.join(REPO, "configs")
 # Both MNIST block forms: the report's one-conv block (the configs' default) and the two-conv block.
 TWO_CONV = "@model.block=two_conv@model.context_dim=0"
@@ -106,7 +107,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m iaf_jax.bench", description=__doc__,
+  p = argparse.ArgumentParser(prog="python -m iaf_jax.experiments.bench", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
                  help="comma-separated FILE:NAME[@SECTION.FIELD=VALUE...] (FILE: mnist, cifar10 or a path to a "
@@ -566,7 +567,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 def _command_line_environment(argv: Sequence[str]) -> Optional[dict]:
-  """For `python -m iaf_jax.bench`: the environment to restart in, or None. On a CPU host with fewer devices
+  """For `python -m iaf_jax.experiments.bench`: the environment to restart in, or None. On a CPU host with fewer devices
   than --devices asks for, XLA_FLAGS gets --xla_force_host_platform_device_count (it must be set before JAX
   starts); glibc's malloc gets transparent huge pages (hostenv.hugepages_env; IAF_JAX_HUGEPAGES=0: off)."""
   from iaf_jax import hostenv

@@ -1,12 +1,12 @@
 """The replication report's Figures 4-9 and a posterior-collapse diagnostic, as PNGs, from trained workdirs:
 
-  python -m iaf_jax.figures fig4 --workdirs GAUSS_DIR,IAF_DIR   # 2-D toy: prior and posteriors q(z|x)
-  python -m iaf_jax.figures fig5 --workdirs GAUSS_DIR,IAF_DIR   # 2-D latent manifold of decoded images
-  python -m iaf_jax.figures fig6 --workdirs A,B,C               # training curves: reconstruction and KL terms
-  python -m iaf_jax.figures fig7 --workdirs GAUSS_DIR,IAF_DIR   # originals, reconstructions, pixel errors
-  python -m iaf_jax.figures fig8 --workdir DIR                  # originals vs reconstructions (fig9: the same)
-  python -m iaf_jax.figures samples --workdirs A,B              # one grid of prior samples per run
-  python -m iaf_jax.figures collapse --workdir DIR              # KL per latent unit / rung, active units
+  python -m iaf_jax.experiments.figures fig4 --workdirs GAUSS_DIR,IAF_DIR # 2-D toy: prior and posteriors q(z|x)
+  python -m iaf_jax.experiments.figures fig5 --workdirs GAUSS_DIR,IAF_DIR # 2-D latent manifold of decoded images
+  python -m iaf_jax.experiments.figures fig6 --workdirs A,B,C             # training curves: reconstruction and KL terms
+  python -m iaf_jax.experiments.figures fig7 --workdirs GAUSS_DIR,IAF_DIR # originals, reconstructions, pixel errors
+  python -m iaf_jax.experiments.figures fig8 --workdir DIR                # originals vs reconstructions (fig9: the same)
+  python -m iaf_jax.experiments.figures samples --workdirs A,B            # one grid of prior samples per run
+  python -m iaf_jax.experiments.figures collapse --workdir DIR            # KL per latent unit / rung, active units
 
 The PNG goes to --out, else to <--workdir, or the first of --workdirs>/<DEFAULT_NAMES[figure]>. Every figure
 is saved at exactly `figure_size(...)` inches times --dpi (default 100) pixels. docs/figures.md lists the
@@ -553,7 +553,7 @@ def make_figure(figure: str, *, workdir: Optional[str] = None, workdirs: Sequenc
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  p = argparse.ArgumentParser(prog="python -m iaf_jax.figures", description=__doc__.split("\n\n")[0],
+  p = argparse.ArgumentParser(prog="python -m iaf_jax.experiments.figures", description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("figure", choices=sorted(DEFAULT_NAMES))
   p.add_argument("--workdir", default=None, help="a training workdir; also where the PNG goes by default")

@@ -1,8 +1,9 @@
 """Launch the rows of a table one after another, one train.py (and evaluate.py) process per row:
 
-  python -m iaf_jax.sweep --config=configs/mnist.py --rows=diag,iaf_d2_w320 --root=runs/table1 [--evaluate] \\
+  python -m iaf_jax.experiments.sweep --config=configs/mnist.py --rows=diag,iaf_d2_w320 --root=runs/table1 \\
+      [--evaluate] \\
       [--dry_run] [-- --config.train.num_steps=1000 ...]
-  python -m iaf_jax.sweep --table=1 --root=runs/table1 --evaluate
+  python -m iaf_jax.experiments.sweep --table=1 --root=runs/table1 --evaluate
 
 Each row trains into ROOT/ROW with `train.py --config=CONFIG:ROW --workdir=ROOT/ROW EXTRA...`, then (with
 --evaluate) `evaluate.py --workdir=ROOT/ROW --num_samples=K --split=SPLIT`, K being the row's
@@ -28,9 +29,9 @@ import time
 import warnings
 from typing import Optional
 
-from iaf_jax import config_lib, report, workdir as workdir_lib
+from iaf_jax import config_lib, workdir as workdir_lib
+from iaf_jax.experiments import REPO, report
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TAIL_BYTES = 8192
 
 
@@ -107,10 +108,6 @@ def eval_command(workdir: str, num_samples: int, split: str, max_examples: int) 
   cmd = [sys.executable, os.path.join(REPO, "evaluate.py"), f"--workdir={workdir}", f"--num_samples={num_samples}",
          f"--split={split}"]
   return cmd + ([f"--max_examples={max_examples}"] if max_examples else [])
-
-
-def eval_path(workdir: str, split: str, num_samples: int) -> str:
-  return os.path.join(workdir, f"eval_{split}_best_K{num_samples}.json")
 
 
 def finished_run(workdir: str, config) -> Optional[dict]:
@@ -242,7 +239,7 @@ def sweep(*, config_path: str, rows: list[str], root: str, extra: list[str], per
         continue
       if evaluate:
         k = int(config.eval.num_samples)
-        path = eval_path(workdir, split, k)
+        path = workdir_lib.eval_path(workdir, split, "best", k)
         if end is not None and os.path.exists(path) and eval_covers(path, split, max_examples):
           print(f"{prefix}: {os.path.basename(path)} exists; not re-evaluating", flush=True)
           evaluated = f", {os.path.basename(path)} kept"
@@ -307,7 +304,7 @@ def parse_args(argv: list[str]):
     argv, extra = argv[:cut], argv[cut + 1:]
   else:
     extra = []
-  p = _Parser(prog="python -m iaf_jax.sweep", description=__doc__.split("\n\n")[0])
+  p = _Parser(prog="python -m iaf_jax.experiments.sweep", description=__doc__.split("\n\n")[0])
   p.add_argument("--config", default="", help="Config file, e.g. configs/mnist.py (default: the --table's).")
   p.add_argument("--rows", default="", help="Comma-separated config names of the config file.")
   p.add_argument("--table", default="", choices=("",) + tuple(report.TABLES),
