@@ -168,6 +168,12 @@ class MaskedConv2D(nn.Module):
                           self.use_bias)
 
 
+# The plain (unmasked) convolution: MaskedConv2D with mask=None. An alias, not a subclass: flax names a
+# submodule's parameters after its class ("MaskedConv2D_0"), so a class of another name would change the
+# parameter paths and older runs' checkpoints would no longer restore.
+Conv2D = MaskedConv2D
+
+
 class ConvTranspose2D(nn.Module):
   """NHWC transposed convolution (the decoder's upsampling), SAME padding: output size = input size * stride."""
   features: int

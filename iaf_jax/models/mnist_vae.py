@@ -23,7 +23,7 @@ import numpy as np
 
 from iaf_jax import config_lib, distributions as dist, objectives
 from iaf_jax.flows import IAFFlow
-from iaf_jax.layers import ConvTranspose2D, MaskedConv2D, MaskedDense
+from iaf_jax.layers import Conv2D, ConvTranspose2D, MaskedDense
 
 # Where the encoder's log-std starts (its layer's outputs start with std 0.1 about this offset). The report's
 # code (IAF_VAE_mnist/Encoder.py: log_std = linear(x) / 10) starts near 0, std ~1: the "initially low variance"
@@ -47,7 +47,7 @@ def _shortcut(x, features, strides, weight_norm):
   """The input where the block keeps its shape, else the report's "same convolution ... with a 1 kernel-size"."""
   if strides == 1 and x.shape[-1] == features:
     return x
-  return MaskedConv2D(features, 1, strides, weight_norm=weight_norm)(x)
+  return Conv2D(features, 1, strides, weight_norm=weight_norm)(x)
 
 
 class ReportResBlock(nn.Module):
@@ -60,7 +60,7 @@ class ReportResBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    h = MaskedConv2D(self.features, 3, self.strides, weight_norm=self.weight_norm)(x)
+    h = Conv2D(self.features, 3, self.strides, weight_norm=self.weight_norm)(x)
     return _shortcut(x, self.features, self.strides, self.weight_norm) + (h if self.final else nn.elu(h))
 
 
@@ -77,7 +77,7 @@ class ReportUpResBlock(nn.Module):
     crop = lambda a: a[:, :self.out_hw[0], :self.out_hw[1], :]
     h = crop(ConvTranspose2D(self.features, 3, 2, weight_norm=self.weight_norm)(x))
     up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    return crop(MaskedConv2D(self.features, 1, weight_norm=self.weight_norm)(up)) + (h if self.final else nn.elu(h))
+    return crop(Conv2D(self.features, 1, weight_norm=self.weight_norm)(up)) + (h if self.final else nn.elu(h))
 
 
 class ResBlock(nn.Module):
@@ -88,8 +88,8 @@ class ResBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    h = MaskedConv2D(self.features, 3, self.strides, weight_norm=self.weight_norm)(nn.elu(x))
-    h = MaskedConv2D(self.features, 3, weight_norm=self.weight_norm, init_scale=0.1)(nn.elu(h))
+    h = Conv2D(self.features, 3, self.strides, weight_norm=self.weight_norm)(nn.elu(x))
+    h = Conv2D(self.features, 3, weight_norm=self.weight_norm, init_scale=0.1)(nn.elu(h))
     return _shortcut(x, self.features, self.strides, self.weight_norm) + h
 
 
@@ -104,9 +104,9 @@ class UpResBlock(nn.Module):
   def __call__(self, x):
     crop = lambda a: a[:, :self.out_hw[0], :self.out_hw[1], :]
     h = crop(ConvTranspose2D(self.features, 3, 2, weight_norm=self.weight_norm)(nn.elu(x)))
-    h = MaskedConv2D(self.features, 3, weight_norm=self.weight_norm, init_scale=1.0 if self.final else 0.1)(nn.elu(h))
+    h = Conv2D(self.features, 3, weight_norm=self.weight_norm, init_scale=1.0 if self.final else 0.1)(nn.elu(h))
     up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # nearest-neighbour, then the 1x1 projection
-    return crop(MaskedConv2D(self.features, 1, weight_norm=self.weight_norm)(up)) + h
+    return crop(Conv2D(self.features, 1, weight_norm=self.weight_norm)(up)) + h
 
 
 def _encoder_sizes(hw: tuple[int, int], strides: Sequence[int]) -> list[tuple[int, int]]:
