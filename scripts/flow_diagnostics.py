@@ -30,8 +30,7 @@ def main():
   args = p.parse_args()
   run = eval_lib.load_run(args.workdir, args.checkpoint)
   c = run.config
-  ds = data_lib.load_dataset(c.data.name, c.data.dir or None, validation_size=c.data.validation_size, seed=c.seed,
-                             likelihood=c.model.likelihood)
+  ds = data_lib.load_for_config(c)  # only its test split is used
   images = data_lib.fixed_subset(ds.test, args.num, seed=args.seed)
   key = jax.random.PRNGKey(args.seed)
   x = data_lib.model_inputs(key, jnp.asarray(images), c.model.likelihood, run.max_value)

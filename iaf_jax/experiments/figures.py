@@ -91,9 +91,7 @@ def load_run_dataset(run):
   c = run.config
   key = (c.data.name, c.data.dir, c.data.validation_size, c.seed, c.model.likelihood, c.data.max_train)
   if key not in _DATASETS:
-    _DATASETS[key] = data_lib.load_dataset(c.data.name, c.data.dir or None, validation_size=c.data.validation_size,
-                                           seed=c.seed, likelihood=c.model.likelihood,
-                                           max_train=c.data.max_train or None)
+    _DATASETS[key] = data_lib.load_for_config(c)
   return _DATASETS[key]
 
 
