@@ -19,7 +19,8 @@ NUM_SAMPLES = flags.DEFINE_integer("num_samples", 128, "K, importance samples pe
 SPLIT = flags.DEFINE_string("split", "test", "test | valid | train.")
 CHECKPOINT = flags.DEFINE_string("checkpoint", "best", "best | latest | a step number.")
 MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 0, "Evaluate only a fixed random subset of N examples (data.fixed_subset, seed 0; 0 = all).")
-BATCH_SIZE = flags.DEFINE_integer("batch_size", 0, "Examples per pass (0 = config.eval.batch_size).")
+BATCH_SIZE = flags.DEFINE_integer("batch_size", 0, "Examples per importance-sampling pass (0 = "
+                                  "config.eval.importance_batch_size, or config.eval.batch_size where that is 0).")
 CHUNK_SIZE = flags.DEFINE_integer("chunk_size", 0, "Importance samples per pass (0 = config.eval.chunk_size).")
 NUM = flags.DEFINE_integer("num", 64, "Images to sample in --mode=sample.")
 DIAG_EXAMPLES = flags.DEFINE_integer("diagnostics_examples", 1000, "Examples for the collapse diagnostics in the "

@@ -86,6 +86,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.num_samples = 128          # [R] Tables 1-4 and [P]: importance sampling with K=128
   c.eval.chunk_size = 128           # importance samples per pass through flow and decoder
   c.eval.batch_size = 100
+  c.eval.importance_batch_size = 0  # examples per importance-sampling pass (0 = eval.batch_size); each pass runs
+  #                                   importance_batch_size * chunk_size rows through flow and decoder
   c.eval.valid_examples = 1000      # validation examples used during training (single-sample ELBO)
   return c
 

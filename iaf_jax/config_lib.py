@@ -56,6 +56,9 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   need(e.num_samples >= 1, "eval.num_samples", e.num_samples, "(K) must be >= 1")
   need(e.chunk_size >= 1, "eval.chunk_size", e.chunk_size, "must be >= 1")
   need(e.batch_size >= 1, "eval.batch_size", e.batch_size, "must be >= 1")
+  ib = e.get("importance_batch_size", 0)
+  need(isinstance(ib, int) and ib >= 0, "eval.importance_batch_size", ib,
+       "must be an integer >= 0 (0 = eval.batch_size)")
 
 
 def to_dict(c: ml_collections.ConfigDict) -> dict:
