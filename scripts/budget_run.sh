@@ -10,6 +10,10 @@
 # Rerunning the same command resumes an unfinished run (a spent budget stays spent) and redoes the evaluations.
 set -eu
 core=$1 workdir=$2 config=$3; shift 3
+if [ -n "${SUBSET:-}" ] && [ "${SUBSET_K:-128}" = "${K:-128}" ]; then
+  # evaluate.py names its JSON by split, checkpoint and K only: the subset's result would replace the full one.
+  echo "budget_run.sh: SUBSET_K (${SUBSET_K:-128}) must differ from K (${K:-128})" >&2; exit 2
+fi
 data=${DATA_DIR:-../shared/data}
 export XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1 ${XLA_FLAGS:-}"
 py=${PYTHON:-.venv/bin/python}
