@@ -404,11 +404,17 @@ class ResNetVAE(nn.Module):
     return {"log_px_given_z": log_px, "log_pz": _total(rungs, "log_p"), "log_qz": _total(rungs, "log_q"),
             "kl_per_group": self._kl_per_group(rungs)}
 
-  def log_weights(self, x, key, num_samples):
-    """[num_samples, B] log p(x, z_k) - log q(z_k|x): bottom-up once, then all rungs of the K samples jointly."""
+  def _tiled_posterior(self, x, key, num_samples):
+    """top_down_posterior for num_samples samples per example (rows sample-major, objectives.tile_samples):
+    bottom-up once, then all rungs of the samples jointly."""
     tile = functools.partial(objectives.tile_samples, num_samples=num_samples)
-    h, rungs = self.top_down_posterior(jax.tree_util.tree_map(tile, self.bottom_up(x)), key)
-    log_w = self._log_px(tile(x), self.decode(h)) + _total(rungs, "log_p") - _total(rungs, "log_q")
+    return self.top_down_posterior(jax.tree_util.tree_map(tile, self.bottom_up(x)), key)
+
+  def log_weights(self, x, key, num_samples):
+    """[num_samples, B] log p(x, z_k) - log q(z_k|x)."""
+    h, rungs = self._tiled_posterior(x, key, num_samples)
+    log_w = (self._log_px(objectives.tile_samples(x, num_samples), self.decode(h)) + _total(rungs, "log_p")
+             - _total(rungs, "log_q"))
     return log_w.reshape(num_samples, x.shape[0])
 
   def sample(self, key, num):
@@ -435,6 +441,17 @@ class ResNetVAE(nn.Module):
     """log p(z) [B] = sum over rungs of log p(z_r | z_>r)."""
     _, rungs = self.top_down_fixed(zs)
     return _total(rungs, "log_p")
+
+  def latent_statistics(self, x, key, num_samples):
+    """q(z|x)'s statistics for the collapse diagnostics (models/__init__.py) from num_samples joint samples of
+    all rungs: one latent group per rung (bottom-up), its units the elements of the rung's map [B, h, w, C];
+    'kl' [B, R] the Monte Carlo KL per rung and 'kl_per_channel' [B, R, C] its per-channel split."""
+    _, rungs = self._tiled_posterior(x, key, num_samples)
+    moments = [objectives.sample_moments(o.z, num_samples) for o in rungs]
+    per_example = lambda a: jnp.mean(objectives.untile_samples(a, num_samples), 0)
+    return {"mean": [m for m, _ in moments], "var": [v for _, v in moments],
+            "kl": jnp.stack([per_example(o.log_q - o.log_p) for o in rungs], -1),
+            "kl_per_channel": jnp.stack([per_example(o.kl_channels) for o in rungs], 1)}
 
 
 def _total(rungs: Sequence[RungOutput], field: str) -> jax.Array:
