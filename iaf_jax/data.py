@@ -27,7 +27,7 @@ import numpy as np
 DATASET_NAMES = ("digits", "mnist", "fashion_mnist", "binarized_mnist", "cifar10")
 LIKELIHOODS = ("bernoulli", "logistic")
 
-_MAX_VALUE = {"digits": 16, "mnist": 255, "fashion_mnist": 255, "binarized_mnist": 1,
+MAX_VALUE = {"digits": 16, "mnist": 255, "fashion_mnist": 255, "binarized_mnist": 1,
               "cifar10": 255}
 _DIGITS_TEST_SIZE = 297
 _IDX_IMAGES_MAGIC = 0x00000803  # IDX: unsigned bytes, 3 dimensions (N, H, W).
@@ -174,7 +174,7 @@ def load_dataset(
   if max_train is not None:
     train = train[:max_train]
 
-  ds = Dataset(name=name, train=train, valid=valid, test=test, max_value=_MAX_VALUE[name],
+  ds = Dataset(name=name, train=train, valid=valid, test=test, max_value=MAX_VALUE[name],
                source=source, checksums=dict(record.checksums), files=tuple(record.files))
   validate_for_likelihood(ds, likelihood)
   return ds

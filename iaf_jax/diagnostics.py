@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iaf_jax import data as data_lib, objectives
+from iaf_jax import data as data_lib
 
 ACTIVITY_THRESHOLD = 0.01   # Burda et al. 2016
 DEFAULT_NUM_SAMPLES = 16    # posterior samples per example where E_q[z] has no closed form
@@ -127,112 +127,82 @@ def _batches(images: np.ndarray, batch: int):
     yield start // batch, chunk, n
 
 
-def _sample_moments(z, s):
-  """[S*B, ...] samples (sample-major) -> mean and unbiased variance over the S samples, each [B, ...]."""
-  z = z.reshape(s, -1, *z.shape[1:])
-  return jnp.mean(z, 0), jnp.var(z, 0, ddof=1)
-
-
 def collapse_diagnostics(model, params, images: np.ndarray, *, likelihood: str, max_value: int,
                          num_samples: int = DEFAULT_NUM_SAMPLES, seed: int = 0,
                          threshold: float = ACTIVITY_THRESHOLD) -> dict:
-  """KL per latent unit (or per rung and channel) and active units of `model` on uint8 `images`.
+  """KL per latent unit (or per rung and channel) and active units of `model` on uint8 `images`, from the
+  model's `latent_statistics` (models/__init__.py): one latent vector gets the per-dimension report, latent
+  maps [B, h, w, C] (one group per rung) the per-group one.
 
   Returns a JSON-ready dict; see the module docstring for what each key means.
   """
-  from iaf_jax.models.mnist_vae import MnistVAE
-  from iaf_jax.models.resnet_vae import ResNetVAE
-
   images = np.asarray(images)
   if len(images) < 2:
     raise ValueError(f"collapse diagnostics: need at least 2 examples (a variance over x), got {len(images)}")
   if num_samples < 2:
     raise ValueError(f"collapse diagnostics: num_samples must be >= 2, got {num_samples}")
-  if isinstance(model, MnistVAE):
-    out = _mnist(model, params, images, likelihood, max_value, num_samples, seed, threshold)
-  elif isinstance(model, ResNetVAE):
-    out = _resnet(model, params, images, likelihood, max_value, num_samples, seed, threshold)
+  v = {"params": params}
+
+  @jax.jit
+  def stats(key, chunk):
+    k_bin, k_z = jax.random.split(key)
+    x = data_lib.model_inputs(k_bin, jnp.asarray(chunk), likelihood, max_value)
+    return model.apply(v, x, k_z, num_samples, method="latent_statistics")
+
+  shapes = jax.eval_shape(stats, jax.random.PRNGKey(seed), images[:1])
+  exact = "log_std" in shapes  # exact posterior moments: one row per example, not num_samples
+  batches = _statistics(stats, images, max(1, _ROWS_PER_CALL // (1 if exact else num_samples)), seed)
+  if shapes["mean"][0].ndim == 2:
+    out = _per_dim_report(batches, exact, num_samples, threshold)
   else:
-    raise ValueError(f"collapse diagnostics: unsupported model {type(model).__name__}")
+    out = _per_group_report(batches, len(images), num_samples, threshold)
   out.update(active_units_threshold=threshold, diagnostics_num_examples=int(len(images)))
   return out
 
 
-def _inputs(key, chunk, likelihood, max_value):
-  return data_lib.model_inputs(key, jnp.asarray(chunk), likelihood, max_value)
-
-
-def _mnist(model, params, images, likelihood, max_value, s, seed, threshold):
-  v = {"params": params}
-  gaussian = model.iaf_depth == 0
-
-  @jax.jit
-  def stats(key, chunk):
-    k_bin, k_z = jax.random.split(key)
-    x = _inputs(k_bin, chunk, likelihood, max_value)
-    if gaussian:
-      mean, log_std, _ = model.apply(v, x, method="encode")
-      return mean, log_std, jnp.zeros(x.shape[:1])
-    z, log_q = model.apply(v, objectives.tile_samples(x, s), k_z, method="posterior_sample")
-    log_p = model.apply(v, z, method="log_prior")
-    m, var = _sample_moments(z, s)
-    return m, var, jnp.mean((log_q - log_p).reshape(s, -1), 0)
-
-  batch = max(1, _ROWS_PER_CALL // (1 if gaussian else s))
-  means, variances, kl_mc = [], [], []
+def _statistics(stats, images, batch, seed):
+  """The model's latent statistics batch by batch, as numpy arrays without the padding rows."""
   for b, chunk, n in _batches(images, batch):
-    m, var, kl = stats(jax.random.fold_in(jax.random.PRNGKey(seed), b), chunk)
-    means.append(np.asarray(m)[:n]), variances.append(np.asarray(var)[:n]), kl_mc.append(np.asarray(kl)[:n])
-  means, variances, kl_mc = np.concatenate(means), np.concatenate(variances), np.concatenate(kl_mc)
-  if gaussian:  # `variances` holds the encoder's log-std here
-    kl_dim = gaussian_kl_per_dim(means, variances).mean(0)
-  else:
-    kl_dim = moment_kl_per_dim(means, variances, num_samples=s).mean(0)
-  if gaussian:
+    out = stats(jax.random.fold_in(jax.random.PRNGKey(seed), b), chunk)
+    yield jax.tree_util.tree_map(lambda a: np.asarray(a)[:n], out)
+
+
+def _per_dim_report(batches, exact, s, threshold):
+  """One latent vector z [B, D]: KL per dimension, exact (diagonal Gaussian) or from the moments of samples."""
+  batches = list(batches)
+  means = np.concatenate([b["mean"][0] for b in batches])
+  if exact:
+    log_std = np.concatenate([b["log_std"][0] for b in batches])
+    kl_dim = gaussian_kl_per_dim(means, log_std).mean(0)
     count, act = active_units(means, threshold)  # the encoder's mean is E_q[z] exactly
     kl_total, method = float(kl_dim.sum()), "analytic"
   else:
+    variances = np.concatenate([b["var"][0] for b in batches])
+    kl_dim = moment_kl_per_dim(means, variances, num_samples=s).mean(0)
     count, act = active_units(means, threshold, within_var=variances, num_samples=s)
-    kl_total, method = float(kl_mc.mean()), "monte_carlo"
+    kl_total, method = float(np.concatenate([b["kl"][:, 0] for b in batches]).mean()), "monte_carlo"
   return {
       "kl_per_dim": kl_dim.tolist(), "kl_total": kl_total, "kl_total_method": method,
       "kl_remainder": kl_total - float(kl_dim.sum()),
-      "kl_per_dim_definition": ("analytic KL(q_u || N(0,1)) of the diagonal Gaussian posterior" if gaussian else
+      "kl_per_dim_definition": ("analytic KL(q_u || N(0,1)) of the diagonal Gaussian posterior" if exact else
                                 "KL(N(m_u, v_u) || N(0,1)) with m_u, v_u the moments of z_u under q(z|x), "
                                 f"from {s} samples (bias-corrected)"),
-      "unit_activity": act.tolist(), "active_units": count, "num_latent_units": int(model.latent_dim),
-      "diagnostics_num_samples": 0 if gaussian else s,
+      "unit_activity": act.tolist(), "active_units": count, "num_latent_units": int(means.shape[-1]),
+      "diagnostics_num_samples": 0 if exact else s,
   }
 
 
-def _resnet(model, params, images, likelihood, max_value, s, seed, threshold):
-  v = {"params": params}
-  n_rungs = model.num_rungs
-
-  def posterior(mdl, x, key):
-    _, zs, log_q, log_p, kl_c = mdl.top_down(x.shape[0], key, ups=mdl.bottom_up(x))
-    return zs, log_q, log_p, kl_c
-
-  @jax.jit
-  def stats(key, chunk):
-    k_bin, k_z = jax.random.split(key)
-    x = _inputs(k_bin, chunk, likelihood, max_value)
-    zs, log_q, log_p, kl_c = model.apply(v, objectives.tile_samples(x, s), k_z, method=posterior)
-    moments = [_sample_moments(z, s) for z in zs]
-    kl_rung = jnp.stack([jnp.mean((q - p).reshape(s, -1), 0) for q, p in zip(log_q, log_p)], -1)   # [B, R]
-    kl_chan = jnp.stack([jnp.mean(k.reshape(s, -1, k.shape[-1]), 0) for k in kl_c], 1)            # [B, R, C]
-    return moments, kl_rung, kl_chan
-
-  batch = max(1, _ROWS_PER_CALL // s)
-  acc = [_Moments() for _ in range(n_rungs)]
+def _per_group_report(batches, n, s, threshold):
+  """Latent maps, one group per rung: KL per rung and channel, activity per map element, accumulated over the
+  batches (the maps of all examples need not fit in memory)."""
+  acc = None
   kl_rung_sum, kl_chan_sum = 0.0, 0.0
-  for b, chunk, n in _batches(images, batch):
-    moments, kl_rung, kl_chan = stats(jax.random.fold_in(jax.random.PRNGKey(seed), b), chunk)
-    for a, (m, var) in zip(acc, moments):
-      a.add(np.asarray(m)[:n], np.asarray(var)[:n])
-    kl_rung_sum = kl_rung_sum + np.asarray(kl_rung, np.float64)[:n].sum(0)
-    kl_chan_sum = kl_chan_sum + np.asarray(kl_chan, np.float64)[:n].sum(0)
-  n = len(images)
+  for b in batches:
+    acc = acc or [_Moments() for _ in b["mean"]]
+    for a, m, var in zip(acc, b["mean"], b["var"]):
+      a.add(m, var)
+    kl_rung_sum = kl_rung_sum + np.asarray(b["kl"], np.float64).sum(0)
+    kl_chan_sum = kl_chan_sum + np.asarray(b["kl_per_channel"], np.float64).sum(0)
   kl_rung, kl_chan = kl_rung_sum / n, kl_chan_sum / n
   acts = [a.activity(s) for a in acc]                             # per rung [h, w, C]
   chan_act = np.stack([a.reshape(-1, a.shape[-1]).mean(0) for a in acts])   # [R, C]

@@ -44,6 +44,18 @@ def tile_samples(a: jax.Array, num_samples: int) -> jax.Array:
   return jnp.broadcast_to(a, (num_samples,) + a.shape).reshape(-1, *a.shape[1:])
 
 
+def untile_samples(a: jax.Array, num_samples: int) -> jax.Array:
+  """[num_samples * B, ...] rows in tile_samples' layout -> [num_samples, B, ...]."""
+  return a.reshape(num_samples, -1, *a.shape[1:])
+
+
+def sample_moments(a: jax.Array, num_samples: int) -> tuple[jax.Array, jax.Array]:
+  """Mean and unbiased (ddof 1) variance over the num_samples samples of each example, rows in tile_samples'
+  layout: each [B, ...]."""
+  a = untile_samples(a, num_samples)
+  return jnp.mean(a, 0), jnp.var(a, 0, ddof=1)
+
+
 def importance_weighted_loss(terms: Mapping[str, jax.Array], num_samples: int) -> tuple[jax.Array, dict]:
   """Burda et al.'s k-sample importance-weighted bound as a loss (openai/iaf's hyperparameter `k`).
 

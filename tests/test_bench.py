@@ -15,6 +15,7 @@ import pytest
 
 from helpers import REPO
 from iaf_jax import hostenv
+from iaf_jax.models import build_model
 from iaf_jax.experiments import bench
 
 MACHINE_KEYS = ("platform", "device_kind", "cpu_count", "jax", "date")
@@ -143,7 +144,7 @@ def test_analytic_flops_of_the_report_architecture(spec, encoder, context):
   """Appendix 6.1 by hand (3.56 M encoder multiply-adds with two convs per block, 1.70 M with the report's one),
   and the IAF 8/1920 steps on 32 latents + the context."""
   config, shape = bench.load_config(spec, [], quick=False)
-  f = bench.mnist_vae_analytic_flops(config.model, shape)
+  f = build_model(config.model, shape).analytic_flops()
   assert f["encoder"] == 2 * encoder
   assert f["flow"] == 2 * 8 * ((32 + context) * 1920 + 1920 * 1920 + 1920 * 64)
   assert f["train"] == 3 * (f["encoder"] + f["flow"] + f["decoder"])

@@ -27,8 +27,9 @@ XLA_FLAGS=--xla_force_host_platform_device_count=2 (both rows then run in that p
 batch). It also restarts with glibc's malloc on transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1,
 see docs/performance.md; IAF_JAX_HUGEPAGES=0 turns that off). Called as a library (main(argv)) it does neither.
 
-  analytic_train_flops_per_image   (MNIST VAE rows) 3 x the forward multiply-adds x 2 of the architecture
-                                   (mnist_vae_analytic_flops; analytic_forward_flops_per_image splits it)
+  analytic_train_flops_per_image   (rows of models with `analytic_flops`, the MNIST VAE) 3 x the forward
+                                   multiply-adds x 2 of the architecture (analytic_forward_flops_per_image
+                                   splits it)
 """
 from __future__ import annotations
 
@@ -57,8 +58,6 @@ DEFAULT_CONFIGS = ("mnist:diag", "mnist:iaf_d2_w320", "mnist:iaf_d8_w1920", "mni
 # Image shape of the dataset a config names (config.data.name), so that no data has to be loaded.
 NATURAL_SHAPES = {"binarized_mnist": (28, 28, 1), "mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1),
                   "cifar10": (32, 32, 3), "digits": (8, 8, 1)}
-# Pixel maximum of the datasets the configs name (data.py's table, repeated here so that no data is loaded).
-_MAX_VALUE = {"digits": 16, "mnist": 255, "fashion_mnist": 255, "binarized_mnist": 1, "cifar10": 255}
 # --quick: tiny models (fields a config does not have are skipped), 2 steps, 1 repeat, K=8.
 QUICK_OVERRIDES = {
     "model.channels": (4, 8), "model.strides": (2, 2), "model.hidden_dim": 16, "model.latent_dim": 4,
@@ -221,6 +220,13 @@ def load_config(spec: str, overrides: Sequence[tuple[str, Any]], quick: bool):
   return config, NATURAL_SHAPES.get(config.data.name)  # None: unknown here, --image_shape must say
 
 
+def times_sampling(spec: str) -> bool:
+  """Whether the bench times prior sampling for a --configs entry: the names its config file lists in
+  SAMPLING_TIMED (configs/cifar10.py: the ResNet VAEs, whose sampling speed the paper reports)."""
+  file_part, _, name = spec.split("@")[0].partition(":")
+  return name in getattr(_config_module(file_part), "SAMPLING_TIMED", ())
+
+
 def _check_overrides_exist(specs, overrides):
   """An override no config has is a typo; one some configs lack (model.h_size on MNIST configs) is fine."""
   for key, _ in overrides:
@@ -253,54 +259,6 @@ def cost_flops(compiled) -> float:
   if isinstance(analysis, (list, tuple)):
     analysis = next((a for a in analysis if a), {})
   return float((analysis or {}).get("flops", 0.0))
-
-
-def _conv_macs(out_hw, kernel_hw, c_in, c_out) -> int:
-  return int(np.prod(out_hw)) * int(np.prod(kernel_hw)) * c_in * c_out
-
-
-def mnist_vae_analytic_flops(model_cfg, image_shape) -> dict:
-  """Forward multiply-adds x 2 per image of the MNIST VAE (report Appendix 6.1 as models/mnist_vae.py builds
-  it): convolutions and dense layers only (activations, weight norm and the optimizer are not counted).
-  Transposed convolutions are counted at their useful cost (input pixels x kernel taps), not with the zero
-  blocks of the sub-pixel kernel layers.conv2d_transpose multiplies by. 'train' = 3 x forward (forward, input
-  gradients, weight gradients)."""
-  from iaf_jax.models.mnist_vae import _encoder_sizes, model_field  # the feature-map sizes the model builds
-
-  h, w, c = image_shape
-  sizes = _encoder_sizes((h, w), model_cfg.strides)
-  two_conv = model_field(model_cfg, "block") == "two_conv"  # "report": one 3x3 conv per block
-  enc = dec = 0
-  c_in = c
-  for i, (ch, s) in enumerate(zip(model_cfg.channels, model_cfg.strides)):
-    out = sizes[i + 1]
-    enc += _conv_macs(out, (3, 3), c_in, ch) + (_conv_macs(out, (3, 3), ch, ch) if two_conv else 0)
-    if s != 1 or c_in != ch:
-      enc += _conv_macs(out, (1, 1), c_in, ch)
-    c_in = ch
-  top = int(np.prod(sizes[-1])) * model_cfg.channels[-1]
-  k, hd = model_cfg.latent_dim, model_cfg.hidden_dim
-  context = model_field(model_cfg, "context_dim")
-  enc += top * hd + hd * 2 * k + hd * context
-  out_c = c if model_cfg.likelihood == "bernoulli" else 2 * c
-  in_channels = [out_c] + list(model_cfg.channels[:-1])
-  dec += k * hd + hd * top
-  for i in reversed(range(len(model_cfg.channels))):
-    src, dst, ch_in, ch = sizes[i + 1], sizes[i], model_cfg.channels[i], in_channels[i]
-    if model_cfg.strides[i] == 1:
-      dec += _conv_macs(dst, (3, 3), ch_in, ch) + (_conv_macs(dst, (3, 3), ch, ch) if two_conv else 0) + (
-          _conv_macs(dst, (1, 1), ch_in, ch) if ch_in != ch else 0)
-    else:  # transposed conv (useful taps), [two_conv: 3x3 conv], nearest upsample + 1x1 projection
-      up = tuple(2 * d for d in src)
-      dec += (_conv_macs(src, (3, 3), ch_in, ch) + (_conv_macs(dst, (3, 3), ch, ch) if two_conv else 0)
-              + _conv_macs(up, (1, 1), ch_in, ch))
-  width = model_cfg.iaf_width
-  flow = model_cfg.iaf_depth * ((k + (context or hd)) * width + width * width
-                                + width * k * (2 if model_cfg.learnt_sigma else 1))
-  fwd = {"encoder": 2 * enc, "flow": 2 * flow, "decoder": 2 * dec}
-  fwd["forward"] = sum(fwd.values())
-  fwd["train"] = 3 * fwd["forward"]
-  return fwd
 
 
 def _process_cpu_seconds() -> float:
@@ -340,11 +298,12 @@ class ConfigBench:
     import jax
 
     from iaf_jax import optim, train_lib
+    from iaf_jax import data as data_lib
     from iaf_jax.models import build_model
 
     self.spec, self.config, self.image_shape, self.args = spec, config, tuple(image_shape), args
     self.likelihood = config.model.likelihood
-    self.max_value = _MAX_VALUE.get(config.data.name, 255)
+    self.max_value = data_lib.MAX_VALUE.get(config.data.name, 255)  # the table only: no data is loaded
     self.model = build_model(config.model, self.image_shape)
     self.optimizer = optim.make_optimizer(config.train)
     n = max(max(args.batch_sizes), args.is_examples)
@@ -442,7 +401,7 @@ class ConfigBench:
     row.update(is_examples=is_examples, is_num_samples=args.num_samples,
                is_samples_per_s=is_examples * args.num_samples / is_s)
 
-    if config.model.kind == "resnet_vae" and not args.no_sampling:
+    if times_sampling(self.spec) and not args.no_sampling:
       _progress(f"{label}: {row['is_samples_per_s']:.1f} IS samples/s; timing prior sampling")
       # Batched: as eval_lib.sample (one call for the batch), the batch sharded over this row's devices;
       # single: batch 1 on one device.
@@ -454,8 +413,8 @@ class ConfigBench:
       t_single = median_seconds(lambda: single(single_params, key, 1), args.repeats)
       row.update(ms_per_image_batched=1000 * t_batched / batch, ms_per_image_single=1000 * t_single)
 
-    if config.model.kind == "mnist_vae":
-      analytic = mnist_vae_analytic_flops(config.model, self.image_shape)
+    if hasattr(self.model, "analytic_flops"):  # the models that count their own arithmetic (models/__init__.py)
+      analytic = self.model.analytic_flops()
       row.update(analytic_train_flops_per_image=analytic["train"],
                  analytic_forward_flops_per_image={k: analytic[k] for k in ("encoder", "flow", "decoder")})
     row.update(flops_per_image=flops_per_image, gflops_per_s=flops_per_image * train_ips / 1e9,

@@ -7,6 +7,17 @@ its insides:
   sample(key, n)                -> [n, H, W, C] images in [0, 1] from the prior
   reconstruct(x, key)           -> [B, H, W, C] images in [0, 1] decoded from a posterior sample
   posterior_sample(x, key)      -> (z, log q(z|x)); log_likelihood(x, z) -> log p(x|z); log_prior(z) -> log p(z)
+  latent_statistics(x, key, S)  -> what iaf_jax/diagnostics.py needs of q(z|x), per example, one list entry per
+                                   latent group (MNIST VAE: one, z [B, D]; ResNet VAE: one per rung, its map
+                                   [B, h, w, C], bottom-up): 'mean' E_q[z] per unit and either 'log_std' (q an
+                                   exact diagonal Gaussian: 'mean' exact too) or, from S samples, 'var' (unbiased)
+                                   and 'kl' [B, G] (Monte Carlo log q - log p per group); optionally
+                                   'kl_per_channel' [B, G, C]. Latent vectors get the per-dimension report, latent
+                                   maps the per-group one.
+
+Optional, read by the tools where present: `latent_dim` (the size of a model's one latent vector; the 2-D
+latent figures need 2) and `analytic_flops()` -> forward multiply-adds x 2 per image {'encoder', 'flow',
+'decoder', 'forward', 'train'} (the bench reports it beside XLA's cost analysis, which every model gets).
 
 x is float [B, H, W, C]: {0, 1} for a Bernoulli likelihood, pixel values 0..255 for the discretized logistic.
 """

@@ -116,6 +116,10 @@ def _encoder_sizes(hw: tuple[int, int], strides: Sequence[int]) -> list[tuple[in
   return sizes
 
 
+def _conv_macs(out_hw, kernel_hw, c_in, c_out) -> int:
+  return int(np.prod(out_hw)) * int(np.prod(kernel_hw)) * c_in * c_out
+
+
 class MnistVAE(nn.Module):
   """Appendix 6.1 VAE. Inputs: Bernoulli: x in {0,1} float [B,H,W,C]; logistic: pixel values 0..255 float."""
   image_shape: tuple[int, int, int] = (28, 28, 1)
@@ -245,6 +249,59 @@ class MnistVAE(nn.Module):
   def reconstruct(self, x, key):
     z, _ = self.posterior_sample(x, key)
     return self.mean_image(z)
+
+  def latent_statistics(self, x, key, num_samples):
+    """q(z|x)'s statistics for the collapse diagnostics (models/__init__.py): one latent group, z [B, D]. A
+    diagonal Gaussian posterior (iaf_depth 0) gives its exact means and log-stds; an IAF posterior the moments
+    of num_samples samples of z_T and the Monte Carlo KL over them."""
+    if self.iaf_depth == 0:
+      mean, log_std, _ = self.encode(x)
+      return {"mean": [mean], "log_std": [log_std]}
+    z, log_q = self.posterior_sample(objectives.tile_samples(x, num_samples), key)
+    mean, var = objectives.sample_moments(z, num_samples)
+    kl = jnp.mean(objectives.untile_samples(log_q - self.log_prior(z), num_samples), 0)
+    return {"mean": [mean], "var": [var], "kl": kl[:, None]}
+
+
+  def analytic_flops(self) -> dict:
+    """Forward multiply-adds x 2 per image of this architecture (report Appendix 6.1 as setup builds it):
+    convolutions and dense layers only (activations, weight norm and the optimizer are not counted). Transposed
+    convolutions are counted at their useful cost (input pixels x kernel taps), not with the zero blocks of the
+    sub-pixel kernel layers.conv2d_transpose multiplies by. {'encoder', 'flow', 'decoder', 'forward', 'train'}:
+    'train' = 3 x forward (forward, input gradients, weight gradients)."""
+    h, w, c = self.image_shape
+    sizes = _encoder_sizes((h, w), self.strides)
+    two_conv = self.block == "two_conv"  # "report": one 3x3 conv per block
+    enc = dec = 0
+    c_in = c
+    for i, (ch, s) in enumerate(zip(self.channels, self.strides)):
+      out = sizes[i + 1]
+      enc += _conv_macs(out, (3, 3), c_in, ch) + (_conv_macs(out, (3, 3), ch, ch) if two_conv else 0)
+      if s != 1 or c_in != ch:
+        enc += _conv_macs(out, (1, 1), c_in, ch)
+      c_in = ch
+    top = int(np.prod(sizes[-1])) * self.channels[-1]
+    k, hd, context = self.latent_dim, self.hidden_dim, self.context_dim
+    enc += top * hd + hd * 2 * k + hd * context
+    out_c = c if self.likelihood == "bernoulli" else 2 * c
+    in_channels = [out_c] + list(self.channels[:-1])
+    dec += k * hd + hd * top
+    for i in reversed(range(len(self.channels))):
+      src, dst, ch_in, ch = sizes[i + 1], sizes[i], self.channels[i], in_channels[i]
+      if self.strides[i] == 1:
+        dec += _conv_macs(dst, (3, 3), ch_in, ch) + (_conv_macs(dst, (3, 3), ch, ch) if two_conv else 0) + (
+            _conv_macs(dst, (1, 1), ch_in, ch) if ch_in != ch else 0)
+      else:  # transposed conv (useful taps), [two_conv: 3x3 conv], nearest upsample + 1x1 projection
+        up = tuple(2 * d for d in src)
+        dec += (_conv_macs(src, (3, 3), ch_in, ch) + (_conv_macs(dst, (3, 3), ch, ch) if two_conv else 0)
+                + _conv_macs(up, (1, 1), ch_in, ch))
+    width = self.iaf_width
+    flow = self.iaf_depth * ((k + (context or hd)) * width + width * width
+                             + width * k * (2 if self.learnt_sigma else 1))
+    fwd = {"encoder": 2 * enc, "flow": 2 * flow, "decoder": 2 * dec}
+    fwd["forward"] = sum(fwd.values())
+    fwd["train"] = 3 * fwd["forward"]
+    return fwd
 
 
 def validate_config(m) -> None:

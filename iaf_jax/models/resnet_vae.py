@@ -27,7 +27,8 @@ order. The random key is an explicit argument (no flax rng collections): one sta
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import functools
+from typing import NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -35,8 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from iaf_jax import distributions as dist
+from iaf_jax import objectives
 from iaf_jax.flows import IAFStep
-from iaf_jax.layers import ConvTranspose2D, MaskedConv2D
+from iaf_jax.layers import Conv2D, ConvTranspose2D
 
 # openai/iaf's conv2d/deconv2d default init_scale: every layer starts with outputs of std 0.1 over the init batch.
 _INIT_SCALE = 0.1
@@ -93,8 +95,28 @@ def _nearest_up(x: jax.Array) -> jax.Array:
   return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
+class RungOutput(NamedTuple):
+  """What a rung's top-down half reports (the mode names which fields are filled):
+
+  z: its latent map [B, h, w, z_size] (after any IAF); log_p: log p(z | z_>r) [B];
+  log_q: log q(z | z_>r, x) [B] and kl_channels: log q - log p per latent channel [B, z_size], whose rows sum
+  to log_q - log_p: posterior mode only, else None.
+  """
+  z: jax.Array
+  log_q: Optional[jax.Array]
+  log_p: jax.Array
+  kl_channels: Optional[jax.Array]
+
+
+def _map_sum(a: jax.Array) -> jax.Array:
+  """[B, h, w, c] -> [B]: a rung's elementwise log densities summed over its latent map."""
+  return jnp.sum(a, axis=(1, 2, 3))
+
+
 class Rung(nn.Module):
-  """One stochastic layer: its bottom-up half (`up`) and its top-down half (`down`)."""
+  """One stochastic layer: its bottom-up half (`up`) and its top-down half, in one of three modes
+  (`down_posterior`, `down_prior`, `down_fixed`). Each half maps the carried feature map x to (x', per-rung
+  output), the form nn.scan wants (see `_scanned_stages`)."""
   h_size: int
   z_size: int
   downsample: bool = False
@@ -106,19 +128,19 @@ class Rung(nn.Module):
   def setup(self):
     h, z, wn = self.h_size, self.z_size, self.weight_norm
     stride = 2 if self.downsample else 1
-    self.up_conv1 = MaskedConv2D(2 * z + 2 * h, 3, stride, weight_norm=wn, init_scale=_INIT_SCALE)
-    self.up_conv2 = MaskedConv2D(h, 3, weight_norm=wn, init_scale=_INIT_SCALE)
+    self.up_conv1 = Conv2D(2 * z + 2 * h, 3, stride, weight_norm=wn, init_scale=_INIT_SCALE)
+    self.up_conv2 = Conv2D(h, 3, weight_norm=wn, init_scale=_INIT_SCALE)
     # The prior / posterior head starts as a plain weight-normed layer (g = 0.1), without data-dependent init.
     # Its input, the top-down stream, barely varies over the batch at init (it grows from the constant h_top by
     # 0.1-weighted residuals), so data-dependent init gave it gains of 6-12 (other layers: ~1), and then the first
     # Adamax steps, which move every kernel entry by about the learning rate, turned ~20% of the normalised
     # kernel per step at lr 0.01 and moved the log-std outputs by several units: KL of 50,000 nats (up to 1e13)
     # in the first 20 steps at the paper's size. Measured in docs/cifar10.md; tests/test_resnet_vae.py.
-    self.down_conv1 = MaskedConv2D(4 * z + 2 * h, 3, weight_norm=wn, init_scale=_INIT_SCALE, data_init=False)
+    self.down_conv1 = Conv2D(4 * z + 2 * h, 3, weight_norm=wn, init_scale=_INIT_SCALE, data_init=False)
     if self.downsample:
       self.down_conv2 = ConvTranspose2D(h, 3, 2, weight_norm=wn, init_scale=_INIT_SCALE)
     else:
-      self.down_conv2 = MaskedConv2D(h, 3, weight_norm=wn, init_scale=_INIT_SCALE)
+      self.down_conv2 = Conv2D(h, 3, weight_norm=wn, init_scale=_INIT_SCALE)
     if self.iaf:
       self.iaf_step = IAFStep("pixelcnn", (h, h), self.learnt_sigma, weight_norm=wn)
 
@@ -138,80 +160,48 @@ class Rung(nn.Module):
       return z, jnp.zeros(z.shape[:1], z.dtype)
     return self.iaf_step(z, context)
 
-  def down(self, x: jax.Array, eps: Optional[jax.Array], up: Any = None, z_fixed: Optional[jax.Array] = None):
-    """Top-down half; eps is standard normal noise of the latent map's shape. Three modes:
-
-    up given (posterior): z0 = q's mean + q's std * eps, z = IAF(z0), returns log q(z) [B];
-    z_fixed given: z = z_fixed (a latent of this rung, after any IAF), log q is None;
-    neither (prior): z = p's mean + p's std * eps, log q is None.
-    Returns (output, z, log_q, log_p [B], kl_channels) with kl_channels = log q - log p per latent channel,
-    [B, z_size] (posterior mode only, else None).
-    """
-    z_size, h = self.z_size, self.h_size
-    t = self.down_conv1(nn.elu(x))
-    pz_mean, pz_logsd, rz_mean, rz_logsd, down_context, h_det = jnp.split(
-        t, [z_size, 2 * z_size, 3 * z_size, 4 * z_size, 4 * z_size + h], axis=-1)
-    log_q = kl_channels = None
-    if z_fixed is not None:
-      z = z_fixed
-    elif up is None:
-      z = pz_mean + jnp.exp(pz_logsd) * eps
-    else:
-      qz_mean, qz_logsd, up_context = up
-      post_mean, post_logsd = rz_mean + qz_mean, rz_logsd + qz_logsd
-      z0 = post_mean + jnp.exp(post_logsd) * eps
-      log_q_el = _gaussian_log_density(z0, post_mean, post_logsd)
-      z, log_det = self.flow(z0, up_context + down_context)
-      log_q = jnp.sum(log_q_el, axis=(1, 2, 3)) - log_det
+  # --- the top-down half; eps is standard normal noise of the latent map's shape ---
+  def down_posterior(self, x: jax.Array, eps: jax.Array, up) -> tuple[jax.Array, RungOutput]:
+    """z0 = q's mean + q's std * eps with q's parameters from both passes (`up` = this rung's bottom-up output),
+    z = IAF(z0); every field of the RungOutput is filled."""
+    pz_mean, pz_logsd, rz_mean, rz_logsd, down_context, h_det = self._head(x)
+    qz_mean, qz_logsd, up_context = up
+    post_mean, post_logsd = rz_mean + qz_mean, rz_logsd + qz_logsd
+    z0 = post_mean + jnp.exp(post_logsd) * eps
+    log_q_el = _gaussian_log_density(z0, post_mean, post_logsd)
+    z, log_det = self.flow(z0, up_context + down_context)
+    log_q = _map_sum(log_q_el) - log_det
     log_p_el = _gaussian_log_density(z, pz_mean, pz_logsd)
-    log_p = jnp.sum(log_p_el, axis=(1, 2, 3))
-    if up is not None and z_fixed is None:
-      # Per-channel KL, the free-bits groups of openai/iaf's tf_train.py (kl_groups='channel').
-      kl_channels = _per_channel_kl(log_q, log_q_el, log_p_el)
-    hid = nn.elu(jnp.concatenate([z, h_det], axis=-1))
-    hid = self.down_conv2(hid)
+    # Per-channel KL, the free-bits groups of openai/iaf's tf_train.py (kl_groups='channel').
+    kl_channels = _per_channel_kl(log_q, log_q_el, log_p_el)
+    return self._output(x, z, h_det), RungOutput(z, log_q, _map_sum(log_p_el), kl_channels)
+
+  def down_prior(self, x: jax.Array, eps: jax.Array) -> tuple[jax.Array, RungOutput]:
+    """z = p's mean + p's std * eps (no IAF); log_q and kl_channels are None."""
+    pz_mean, pz_logsd, _, _, _, h_det = self._head(x)
+    z = pz_mean + jnp.exp(pz_logsd) * eps
+    return self._output(x, z, h_det), self._prior_output(z, pz_mean, pz_logsd)
+
+  def down_fixed(self, x: jax.Array, z: jax.Array) -> tuple[jax.Array, RungOutput]:
+    """z given (a latent of this rung, after any IAF); log_q and kl_channels are None."""
+    pz_mean, pz_logsd, _, _, _, h_det = self._head(x)
+    return self._output(x, z, h_det), self._prior_output(z, pz_mean, pz_logsd)
+
+  def _head(self, x):
+    """x -> (pz_mean, pz_logsd, rz_mean, rz_logsd, down_context, h_det)."""
+    z, h = self.z_size, self.h_size
+    t = self.down_conv1(nn.elu(x))
+    return jnp.split(t, [z, 2 * z, 3 * z, 4 * z, 4 * z + h], axis=-1)
+
+  def _output(self, x, z, h_det):
+    hid = self.down_conv2(nn.elu(jnp.concatenate([z, h_det], axis=-1)))
     if self.downsample:
       x = _nearest_up(x)
-    return x + _RESIDUAL_WEIGHT * hid, z, log_q, log_p, kl_channels
+    return x + _RESIDUAL_WEIGHT * hid
 
-
-  def down_step(self, x: jax.Array, xs):
-    """`down` in the shape nn.scan wants: carry x, per-rung inputs xs = (eps, up, z_fixed) (None where unused),
-    per-rung outputs (z, log_q, log_p, kl_channels)."""
-    eps, up, z_fixed = xs
-    x, z, log_q, log_p, kl_c = self.down(x, eps, up=up, z_fixed=z_fixed)
-    return x, (z, log_q, log_p, kl_c)
-
-
-def _scanned_rungs(length: int):
-  """`length` identical rungs as ONE module whose parameters carry a leading rung axis: `up` scans bottom-up,
-  `down_step` top-down (reverse). XLA then compiles one rung body per run of identical rungs instead of
-  unrolling all of them."""
-  common = dict(variable_axes={"params": 0}, split_rngs={"params": True}, length=length)
-  return nn.scan(Rung, methods={"up": dict(common), "down_step": dict(common, reverse=True)})
-
-
-def _rung_segments(depth: int, num_blocks: int) -> list[tuple[int, int, bool, bool]]:
-  """Runs of consecutive rungs with the same structure, bottom-up: [(first rung, length, downsample, top)]."""
-  flags = [(i > 0 and j == 0, i == depth - 1 and j == num_blocks - 1)
-           for i in range(depth) for j in range(num_blocks)]
-  segments = []
-  for r, f in enumerate(flags):
-    if segments and segments[-1][2:] == f:
-      first, length = segments[-1][:2]
-      segments[-1] = (first, length + 1) + f
-    else:
-      segments.append((r, 1) + f)
-  return segments
-
-
-def _stack(trees):
-  return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *trees)
-
-
-def _unstack(tree, length: int) -> list:
-  """A pytree with a leading axis of `length` -> a list of `length` pytrees (None leaves stay None)."""
-  return [jax.tree_util.tree_map(lambda a, i=i: a[i], tree) for i in range(length)]
+  @staticmethod
+  def _prior_output(z, pz_mean, pz_logsd) -> RungOutput:
+    return RungOutput(z, None, _map_sum(_gaussian_log_density(z, pz_mean, pz_logsd)), None)
 
 
 def _gaussian_log_density(x, mean, log_std):
@@ -280,16 +270,13 @@ class ResNetVAE(nn.Module):
                         kl_groups=self.kl_groups)
     wn = self.weight_norm
     c = self.image_shape[-1]
-    self.x_enc = MaskedConv2D(self.h_size, 5, self.input_stride, weight_norm=wn, init_scale=_INIT_SCALE)
+    self.x_enc = Conv2D(self.h_size, 5, self.input_stride, weight_norm=wn, init_scale=_INIT_SCALE)
     kw = dict(iaf=self.iaf, learnt_sigma=self.learnt_sigma, weight_norm=wn)
     if self.scan_rungs:
-      self.stages = [
-          (_scanned_rungs(length) if length > 1 else Rung)(self.h_size, self.z_size, downsample=down, top=top, **kw)
-          for _, length, down, top in _rung_segments(self.depth, self.num_blocks)]
+      self.stages = _scanned_stages(self.h_size, self.z_size, self.depth, self.num_blocks, **kw)
     else:
-      self.rungs = [Rung(self.h_size, self.z_size, downsample=i > 0 and j == 0,
-                         top=(i == self.depth - 1 and j == self.num_blocks - 1), **kw)
-                    for i in range(self.depth) for j in range(self.num_blocks)]
+      self.rungs = [Rung(self.h_size, self.z_size, downsample=down, top=top, **kw)
+                    for down, top in _rung_flags(self.depth, self.num_blocks)]
     self.h_top = self.param("h_top", nn.initializers.zeros, (self.h_size,))
     if self.likelihood == "bernoulli":
       out_c = c
@@ -314,55 +301,52 @@ class ResNetVAE(nn.Module):
       return x - 0.5
     return dist.bin_centres(x)  # [H]: (x + 0.5) / 256 - 0.5
 
+  def _rung_pass(self, method: str, h, per_rung=(), reverse: bool = False):
+    """h carried through Rung.<method>(h, *rung r's entries of per_rung) rung by rung: bottom-up, or top-down
+    with reverse. per_rung: lists in bottom-up order. Returns (last h, per-rung outputs in bottom-up order)."""
+    if self.scan_rungs:
+      return _scanned_pass(self.stages, _rung_segments(self.depth, self.num_blocks), method, h, per_rung, reverse)
+    order = range(self.num_rungs)
+    outs = [None] * self.num_rungs
+    for r in reversed(order) if reverse else order:
+      h, outs[r] = getattr(self.rungs[r], method)(h, *(v[r] for v in per_rung))
+    return h, outs
+
   def bottom_up(self, x):
     """x -> per rung (bottom-up order) (qz_mean, qz_logsd, up_context). Depends on x only."""
     self._check_input(x)
-    h = self.x_enc(self._scale_input(x))
-    ups = []
-    for module, (_, length) in self._stage_modules():
-      h, up = module.up(h)
-      ups += [up] if length == 1 else _unstack(up, length)
+    _, ups = self._rung_pass("up", self.x_enc(self._scale_input(x)))
     return ups
 
-  def _stage_modules(self):
-    """[(module, (first rung, length))]: scanned runs of rungs (length > 1) or single rungs, bottom-up."""
-    if not self.scan_rungs:
-      return [(rung, (r, 1)) for r, rung in enumerate(self.rungs)]
-    return [(m, seg[:2]) for m, seg in zip(self.stages, _rung_segments(self.depth, self.num_blocks))]
-
-  def top_down(self, batch: int, key: Optional[jax.Array] = None, ups=None, zs=None):
-    """The generative pass, rungs from the top down, in one of three modes:
-
-    ups given: posterior (z ~ q(z|x) with IAF, per rung); zs given: the latents are fixed; neither: prior.
-    Returns (h, zs, log_q, log_p, kl_channels): h the last feature map; zs, log_q [B], log_p [B] and
-    kl_channels [B, z_size] lists in bottom-up rung order (log_q / kl_channels None outside posterior mode).
-    """
-    if zs is not None and len(zs) != self.num_rungs:
-      raise ValueError(f"ResNetVAE: expected {self.num_rungs} latent maps (one per rung), got {len(zs)}")
-    if zs is None and key is None:
-      raise ValueError("ResNetVAE.top_down: a key is needed to sample latents")
+  def _noise(self, batch: int, key: jax.Array) -> list[jax.Array]:
+    """Standard normal noise of every rung's latent map shape, bottom-up order."""
+    # One draw for all rungs (one random-bits op to compile, not one per rung), split into the rungs' maps.
     shapes = self.latent_shapes()
-    top_h, top_w, _ = shapes[-1]
+    sizes = [int(np.prod(s)) for s in shapes]
+    flat = jax.random.normal(key, (batch, sum(sizes)), jnp.float32)
+    return [a.reshape(batch, *s) for a, s in zip(jnp.split(flat, np.cumsum(sizes)[:-1], axis=1), shapes)]
+
+  def _top_down(self, method: str, *per_rung):
+    """The generative pass from the learned top vector down: (last feature map, [RungOutput] bottom-up)."""
+    top_h, top_w, _ = self.latent_shapes()[-1]
+    batch = per_rung[0][0].shape[0]
     h = jnp.broadcast_to(self.h_top, (batch, top_h, top_w, self.h_size))
-    n = self.num_rungs
-    eps = [None] * n
-    if zs is None:
-      # One draw for all rungs (one random-bits op to compile, not one per rung), split into the rungs' maps.
-      sizes = [int(np.prod(s)) for s in shapes]
-      flat = jax.random.normal(key, (batch, sum(sizes)), jnp.float32)
-      eps = [a.reshape(batch, *s) for a, s in zip(jnp.split(flat, np.cumsum(sizes)[:-1], axis=1), shapes)]
-    outs = [None] * n  # per rung (z, log_q, log_p, kl_channels)
-    for module, (first, length) in reversed(self._stage_modules()):
-      rungs = range(first, first + length)
-      xs = tuple(None if v is None else [v[r] for r in rungs] for v in (eps, ups, zs))
-      if length == 1:
-        h, out = module.down_step(h, tuple(None if v is None else v[0] for v in xs))
-        outs[first] = out
-      else:
-        h, out = module.down_step(h, tuple(None if v is None else _stack(v) for v in xs))
-        outs[first:first + length] = _unstack(out, length)
-    out_z, out_q, out_p, out_kl = (list(t) for t in zip(*outs))
-    return h, out_z, out_q, out_p, out_kl
+    return self._rung_pass(method, h, per_rung, reverse=True)
+
+  def top_down_posterior(self, ups, key: jax.Array):
+    """z ~ q(z|x) rung by rung (with IAF), `ups` = bottom_up's output (its batch size is the pass's)."""
+    return self._top_down("down_posterior", self._noise(ups[0][0].shape[0], key), ups)
+
+  def top_down_prior(self, batch: int, key: jax.Array):
+    """z ~ p(z) rung by rung (no IAF)."""
+    return self._top_down("down_prior", self._noise(batch, key))
+
+  def top_down_fixed(self, zs):
+    """The latents of every rung given (bottom-up order, each [B, h, w, z_size])."""
+    zs = list(zs)
+    if len(zs) != self.num_rungs:
+      raise ValueError(f"ResNetVAE: expected {self.num_rungs} latent maps (one per rung), got {len(zs)}")
+    return self._top_down("down_fixed", zs)
 
   def decode(self, h):
     """Last feature map -> likelihood parameters: Bernoulli logits [B, H, W, C]; logistic (mean, log_scale)
@@ -397,70 +381,155 @@ class ResNetVAE(nn.Module):
       return jnp.clip(jnp.sum(jax.nn.softmax(logits, axis=-1) * means, axis=-1) + 0.5, 0.0, 1.0)
     return jnp.clip(params[0] + 0.5, 0.0, 1.0)
 
-  def _kl_per_group(self, log_q, log_p, kl_channels):
+  def _kl_per_group(self, rungs: Sequence[RungOutput]):
     if self.kl_groups == "channel":
-      return jnp.concatenate(kl_channels, axis=-1)
-    return jnp.stack([q - p for q, p in zip(log_q, log_p)], axis=-1)
+      return jnp.concatenate([o.kl_channels for o in rungs], axis=-1)
+    return jnp.stack([o.log_q - o.log_p for o in rungs], axis=-1)
 
   def rung_flow(self, index: int, z, context):
     """The IAF step of rung `index` (bottom-up order) alone: (z', log-det [B]). For tests and analysis."""
-    for module, (first, length) in self._stage_modules():
-      if first <= index < first + length:
-        break
-    else:
+    if not 0 <= index < self.num_rungs:
       raise ValueError(f"ResNetVAE: rung index {index} out of range 0..{self.num_rungs - 1}")
-    if length == 1:
-      return module.flow(z, context)
-    # A rung inside a scanned run: its slice of the stacked parameters, applied as a lone Rung.
-    params = jax.tree_util.tree_map(lambda a: a[index - first], self.variables["params"][module.name])
+    if not self.scan_rungs:
+      return self.rungs[index].flow(z, context)
     rung = Rung(self.h_size, self.z_size, iaf=self.iaf, learnt_sigma=self.learnt_sigma, weight_norm=self.weight_norm,
                 parent=None)
-    return rung.apply({"params": params}, z, context, method="flow")
+    return _scanned_rung_flow(self, rung, index, z, context)
 
   # --- the protocol train_lib / eval_lib use ---
   def __call__(self, x, key):
     """Per-example terms of the single-sample ELBO; kl_per_group has one column per rung (bottom-up order)."""
-    ups = self.bottom_up(x)
-    h, _, log_q, log_p, kl_c = self.top_down(x.shape[0], key, ups=ups)
+    h, rungs = self.top_down_posterior(self.bottom_up(x), key)
     log_px = self._log_px(x, self.decode(h))
-    return {"log_px_given_z": log_px, "log_pz": sum(log_p), "log_qz": sum(log_q),
-            "kl_per_group": self._kl_per_group(log_q, log_p, kl_c)}
+    return {"log_px_given_z": log_px, "log_pz": _total(rungs, "log_p"), "log_qz": _total(rungs, "log_q"),
+            "kl_per_group": self._kl_per_group(rungs)}
+
+  def _tiled_posterior(self, x, key, num_samples):
+    """top_down_posterior for num_samples samples per example (rows sample-major, objectives.tile_samples):
+    bottom-up once, then all rungs of the samples jointly."""
+    tile = functools.partial(objectives.tile_samples, num_samples=num_samples)
+    return self.top_down_posterior(jax.tree_util.tree_map(tile, self.bottom_up(x)), key)
 
   def log_weights(self, x, key, num_samples):
-    """[num_samples, B] log p(x, z_k) - log q(z_k|x): bottom-up once, then all rungs of the K samples jointly."""
-    ups = self.bottom_up(x)
-    tile = lambda a: jnp.broadcast_to(a, (num_samples,) + a.shape).reshape(-1, *a.shape[1:])
-    ups = jax.tree_util.tree_map(tile, ups)
-    b = x.shape[0]
-    h, _, log_q, log_p, _ = self.top_down(num_samples * b, key, ups=ups)
-    log_w = self._log_px(tile(x), self.decode(h)) + sum(log_p) - sum(log_q)
-    return log_w.reshape(num_samples, b)
+    """[num_samples, B] log p(x, z_k) - log q(z_k|x)."""
+    h, rungs = self._tiled_posterior(x, key, num_samples)
+    log_w = (self._log_px(objectives.tile_samples(x, num_samples), self.decode(h)) + _total(rungs, "log_p")
+             - _total(rungs, "log_q"))
+    return log_w.reshape(num_samples, x.shape[0])
 
   def sample(self, key, num):
     """[num, H, W, C] mean images in [0, 1], every rung's z drawn from the prior (no IAF)."""
-    h, *_ = self.top_down(num, key)
+    h, _ = self.top_down_prior(num, key)
     return self._mean_image(self.decode(h))
 
   def reconstruct(self, x, key):
-    h, *_ = self.top_down(x.shape[0], key, ups=self.bottom_up(x))
+    h, _ = self.top_down_posterior(self.bottom_up(x), key)
     return self._mean_image(self.decode(h))
 
   def posterior_sample(self, x, key):
     """(list of z per rung in bottom-up order, each [B, h, w, z_size]; log q(z|x) [B])."""
-    _, zs, log_q, _, _ = self.top_down(x.shape[0], key, ups=self.bottom_up(x))
-    return zs, sum(log_q)
+    _, rungs = self.top_down_posterior(self.bottom_up(x), key)
+    return [o.z for o in rungs], _total(rungs, "log_q")
 
   def log_likelihood(self, x, zs):
     """log p(x | z) [B] for the latents zs of every rung (bottom-up order)."""
     self._check_input(x)
-    h, *_ = self.top_down(x.shape[0], zs=list(zs))
+    h, _ = self.top_down_fixed(zs)
     return self._log_px(x, self.decode(h))
 
   def log_prior(self, zs):
     """log p(z) [B] = sum over rungs of log p(z_r | z_>r)."""
-    zs = list(zs)
-    _, _, _, log_p, _ = self.top_down(zs[0].shape[0], zs=zs)
-    return sum(log_p)
+    _, rungs = self.top_down_fixed(zs)
+    return _total(rungs, "log_p")
+
+  def latent_statistics(self, x, key, num_samples):
+    """q(z|x)'s statistics for the collapse diagnostics (models/__init__.py) from num_samples joint samples of
+    all rungs: one latent group per rung (bottom-up), its units the elements of the rung's map [B, h, w, C];
+    'kl' [B, R] the Monte Carlo KL per rung and 'kl_per_channel' [B, R, C] its per-channel split."""
+    _, rungs = self._tiled_posterior(x, key, num_samples)
+    moments = [objectives.sample_moments(o.z, num_samples) for o in rungs]
+    per_example = lambda a: jnp.mean(objectives.untile_samples(a, num_samples), 0)
+    return {"mean": [m for m, _ in moments], "var": [v for _, v in moments],
+            "kl": jnp.stack([per_example(o.log_q - o.log_p) for o in rungs], -1),
+            "kl_per_channel": jnp.stack([per_example(o.kl_channels) for o in rungs], 1)}
+
+
+def _total(rungs: Sequence[RungOutput], field: str) -> jax.Array:
+  """[B]: a RungOutput field summed over the rungs, in bottom-up order."""
+  return sum(getattr(o, field) for o in rungs)
+
+
+def _rung_flags(depth: int, num_blocks: int) -> list[tuple[bool, bool]]:
+  """(downsample, top) of every rung, bottom-up: the first rung of every level but the first halves the
+  resolution; the last is the top rung."""
+  return [(i > 0 and j == 0, i == depth - 1 and j == num_blocks - 1) for i in range(depth) for j in range(num_blocks)]
+
+
+# --- scanned rungs (scan_rungs=True): runs of identical rungs as one module with stacked parameters ---
+_TOP_DOWN_METHODS = ("down_posterior", "down_prior", "down_fixed")
+
+
+def _scanned_rungs(length: int):
+  """`length` identical rungs as ONE module whose parameters carry a leading rung axis: `up` scans bottom-up,
+  the top-down modes in reverse. XLA then compiles one rung body per run of identical rungs instead of
+  unrolling all of them."""
+  common = dict(variable_axes={"params": 0}, split_rngs={"params": True}, length=length)
+  methods = {"up": dict(common), **{m: dict(common, reverse=True) for m in _TOP_DOWN_METHODS}}
+  return nn.scan(Rung, methods=methods)
+
+
+def _rung_segments(depth: int, num_blocks: int) -> list[tuple[int, int, bool, bool]]:
+  """Runs of consecutive rungs with the same structure, bottom-up: [(first rung, length, downsample, top)]."""
+  segments = []
+  for r, f in enumerate(_rung_flags(depth, num_blocks)):
+    if segments and segments[-1][2:] == f:
+      first, length = segments[-1][:2]
+      segments[-1] = (first, length + 1) + f
+    else:
+      segments.append((r, 1) + f)
+  return segments
+
+
+def _scanned_stages(h_size: int, z_size: int, depth: int, num_blocks: int, **kw) -> list[nn.Module]:
+  """One module per segment: a scanned run of rungs, or a lone Rung (a run of one)."""
+  return [(_scanned_rungs(length) if length > 1 else Rung)(h_size, z_size, downsample=down, top=top, **kw)
+          for _, length, down, top in _rung_segments(depth, num_blocks)]
+
+
+def _scanned_pass(stages, segments, method: str, h, per_rung, reverse: bool):
+  """ResNetVAE._rung_pass over the scanned stages: each run's per-rung inputs stacked on a leading axis, its
+  outputs unstacked back into the per-rung list."""
+  outs = [None] * sum(length for _, length, _, _ in segments)
+  pairs = list(zip(stages, segments))
+  for stage, (first, length, _, _) in reversed(pairs) if reverse else pairs:
+    inputs = [v[first:first + length] for v in per_rung]
+    if length == 1:
+      h, outs[first] = getattr(stage, method)(h, *(v[0] for v in inputs))
+    else:
+      h, out = getattr(stage, method)(h, *(_stack(v) for v in inputs))
+      outs[first:first + length] = _unstack(out, length)
+  return h, outs
+
+
+def _scanned_rung_flow(model, rung: Rung, index: int, z, context):
+  """ResNetVAE.rung_flow with scanned stages: the rung's slice of its run's stacked parameters, applied by
+  `rung`, a lone Rung of the same settings."""
+  for stage, (first, length, _, _) in zip(model.stages, _rung_segments(model.depth, model.num_blocks)):
+    if first <= index < first + length:
+      break
+  if length == 1:
+    return stage.flow(z, context)
+  params = jax.tree_util.tree_map(lambda a: a[index - first], model.variables["params"][stage.name])
+  return rung.apply({"params": params}, z, context, method="flow")
+
+
+def _stack(trees):
+  return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *trees)
+
+
+def _unstack(tree, length: int) -> list:
+  """A pytree with a leading axis of `length` -> a list of `length` pytrees (None leaves stay None)."""
+  return [jax.tree_util.tree_map(lambda a, i=i: a[i], tree) for i in range(length)]
 
 
 def _field(cfg, name, default):
