@@ -69,6 +69,8 @@ def base_config() -> ml_collections.ConfigDict:
   m.mixture_components = 0            # 0 = single discretized logistic ([H]); > 0 = per-sub-pixel mixture
   m.scan_rungs = False                # True: scan runs of identical rungs (one compiled body); on XLA:CPU no
   #                                     faster to compile here and ~30x slower to train (measured; README)
+  m.head_data_init = False            # True only to reproduce the early-KL blowup (docs/cifar10.md): the prior /
+  #                                     posterior heads start without data-dependent init ([H] gives them one)
   m.kl_groups = "rung"                # free-bits groups: one per rung ([R] Eq. 14); 'channel' = [H] tf_train
   #                                     (max(kl, kl_min) per latent channel of each rung)
   return c

@@ -94,7 +94,12 @@ def check_config_compatible(c: ml_collections.ConfigDict, workdir: str) -> None:
   with open(path) as f:
     old = json.load(f)
   new = to_dict(c)
-  diffs = config_diff({k: old.get(k, {}) for k in _IDENTITY_SECTIONS}, {k: new.get(k, {}) for k in _IDENTITY_SECTIONS})
+  from iaf_jax.models import MODEL_KINDS  # here: the models import this module
+  kind = MODEL_KINDS.get(new.get("model", {}).get("kind"))
+  init_only = kind.init_only_fields if kind else ()
+  identity = lambda cfg: {k: ({f: v for f, v in cfg.get(k, {}).items() if f not in init_only} if k == "model"
+                              else cfg.get(k, {})) for k in _IDENTITY_SECTIONS}
+  diffs = config_diff(identity(old), identity(new))
   if diffs:
     raise ConfigError(f"{workdir} was trained with another config ({'; '.join(diffs[:3])}); "
                       "use a new --workdir or the same model/data settings")

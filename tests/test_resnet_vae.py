@@ -467,3 +467,24 @@ def test_first_adamax_steps_at_paper_width_keep_kl_near_its_start():
     kls.append(float(metrics["kl"]))
   assert np.all(np.isfinite(kls)), kls
   assert max(kls) < 20 * kls[0], kls
+
+
+def test_init_only_field_does_not_block_resuming(tmp_path):
+  """model.head_data_init only sets the initialisation: a workdir saved before the field existed (or with the
+  other value) resumes under today's config, while a change of architecture is still refused."""
+  import json
+
+  from iaf_jax import config_lib
+
+  cfg = load_config_module("cifar10").get_config("rungs4_iaf")
+  saved = config_lib.to_dict(cfg)
+  del saved["model"]["head_data_init"]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  config_lib.check_config_compatible(cfg, str(tmp_path))  # no error
+  with cfg.unlocked():
+    cfg.model.head_data_init = True
+  config_lib.check_config_compatible(cfg, str(tmp_path))
+  with cfg.unlocked():
+    cfg.model.h_size = 64
+  with pytest.raises(config_lib.ConfigError, match="model.h_size"):
+    config_lib.check_config_compatible(cfg, str(tmp_path))

@@ -32,10 +32,12 @@ import importlib
 class ModelKind:
   """A value of config.model.kind: its module (imported on first use, so `import iaf_jax.models` needs no flax)
   and the names there of its builder, (model_config, image_shape) -> Module, and of its config check,
-  (model_config) -> None or a one-line ConfigError."""
+  (model_config) -> None or a one-line ConfigError. `init_only_fields`: config.model fields that only set the
+  initialisation, so a checkpoint resumes whatever they say (and runs saved before they existed lack them)."""
   module: str
   builder: str
   validator: str = "validate_config"
+  init_only_fields: tuple[str, ...] = ()
 
   def function(self, name: str):
     return getattr(importlib.import_module(self.module), name)
@@ -44,7 +46,7 @@ class ModelKind:
 # The one list of model kinds: config checks, build_model and the tools read it.
 MODEL_KINDS = {
     "mnist_vae": ModelKind("iaf_jax.models.mnist_vae", "build_mnist_vae"),
-    "resnet_vae": ModelKind("iaf_jax.models.resnet_vae", "build_resnet_vae"),
+    "resnet_vae": ModelKind("iaf_jax.models.resnet_vae", "build_resnet_vae", init_only_fields=("head_data_init",)),
 }
 
 

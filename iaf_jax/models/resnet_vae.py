@@ -124,6 +124,7 @@ class Rung(nn.Module):
   learnt_sigma: bool = True
   weight_norm: bool = True
   top: bool = False  # the top rung (its own scanned segment; kept so scanned parameter layouts stay as saved)
+  head_data_init: bool = False  # True: the prior/posterior head's data-dependent init of before issue #15's fix
 
   def setup(self):
     h, z, wn = self.h_size, self.z_size, self.weight_norm
@@ -135,8 +136,10 @@ class Rung(nn.Module):
     # 0.1-weighted residuals), so data-dependent init gave it gains of 6-12 (other layers: ~1), and then the first
     # Adamax steps, which move every kernel entry by about the learning rate, turned ~20% of the normalised
     # kernel per step at lr 0.01 and moved the log-std outputs by several units: KL of 50,000 nats (up to 1e13)
-    # in the first 20 steps at the paper's size. Measured in docs/cifar10.md; tests/test_resnet_vae.py.
-    self.down_conv1 = Conv2D(4 * z + 2 * h, 3, weight_norm=wn, init_scale=_INIT_SCALE, data_init=False)
+    # in the first 20 steps at the paper's size. Measured in docs/cifar10.md (scripts/early_kl_probe.py, with
+    # head_data_init=True for the old init; its top rung never had it: h_top is constant over the batch at init).
+    self.down_conv1 = Conv2D(4 * z + 2 * h, 3, weight_norm=wn, init_scale=_INIT_SCALE,
+                             data_init=self.head_data_init and not self.top)
     if self.downsample:
       self.down_conv2 = ConvTranspose2D(h, 3, 2, weight_norm=wn, init_scale=_INIT_SCALE)
     else:
@@ -247,6 +250,8 @@ class ResNetVAE(nn.Module):
   # XLA:CPU that did not shorten compilation (20 rungs, h_size 32: 36 s scanned, 32 s unrolled) and the scanned
   # backward pass ran ~30x slower (4 rungs, batch 32: 4.4 vs 130 img/s). False: every rung its own module.
   scan_rungs: bool = False
+  # True: the prior/posterior heads get data-dependent init, as before issue #15's fix (Rung.setup says why not).
+  head_data_init: bool = False
 
   @property
   def num_rungs(self) -> int:
@@ -271,7 +276,7 @@ class ResNetVAE(nn.Module):
     wn = self.weight_norm
     c = self.image_shape[-1]
     self.x_enc = Conv2D(self.h_size, 5, self.input_stride, weight_norm=wn, init_scale=_INIT_SCALE)
-    kw = dict(iaf=self.iaf, learnt_sigma=self.learnt_sigma, weight_norm=wn)
+    kw = dict(iaf=self.iaf, learnt_sigma=self.learnt_sigma, weight_norm=wn, head_data_init=self.head_data_init)
     if self.scan_rungs:
       self.stages = _scanned_stages(self.h_size, self.z_size, self.depth, self.num_blocks, **kw)
     else:
@@ -559,6 +564,8 @@ def _resnet_vae_kwargs(model_config, image_shape) -> dict:
       weight_norm=bool(_field(model_config, "weight_norm", True)),
       # Absent from the config.json of runs made before scanning existed: those keep their unrolled layout.
       scan_rungs=bool(_field(model_config, "scan_rungs", False)),
+      # Only the initialisation depends on it, so runs saved before it existed resume unchanged.
+      head_data_init=bool(_field(model_config, "head_data_init", False)),
   )
 
 
