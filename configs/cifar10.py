@@ -9,22 +9,15 @@ public code, openai/iaf `tf_train.py` `get_default_hparams` and README (../share
 Every name yields the same field structure: configs/mnist.py's `base_config()` plus the ResNet VAE fields
 under `config.model` (unused by kind 'mnist_vae', as the MNIST fields are unused by kind 'resnet_vae').
 """
-import importlib.util
 import os
 
 import ml_collections
 
+from iaf_jax import config_lib
 
-def _load_mnist_configs():
-  """configs/mnist.py, loaded from the file beside this one (config files are loaded by path, not as a package)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mnist.py")
-  spec = importlib.util.spec_from_file_location("_iaf_configs_mnist", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-_mnist = _load_mnist_configs()
+# configs/mnist.py, from the file beside this one, through the loader every tool uses (config files are loaded
+# by path, not imported as a package): one module object per process, whoever loads it first.
+_mnist = config_lib.load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "mnist.py"))
 
 # Table 3 ([R] 4.3 Experiment #1): the MNIST model of [R] Appendix 6.1 with a discretized logistic likelihood.
 # name -> configs/mnist.py ROWS key (iaf_depth, iaf_width, learnt_sigma).
@@ -47,6 +40,11 @@ RESNETS = {
     "rungs20_iaf": (1, 20, True),
 }
 NAMES = tuple(BASELINES) + tuple(RESNETS)
+# The report's tables these configs form (as configs/mnist.py TABLES): id -> (title, names in row order).
+TABLES = {
+    "3": ("Table 3: CIFAR-10 baselines (MNIST architecture, discretized logistic)", tuple(BASELINES)),
+    "4": ("Table 4: ResNet VAE, bidirectional inference (CIFAR-10 models)", tuple(RESNETS)),
+}
 # The configs whose prior sampling iaf_jax.experiments.bench times: the paper reports the ResNet VAE's sampling speed.
 SAMPLING_TIMED = tuple(RESNETS)
 

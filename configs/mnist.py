@@ -26,6 +26,15 @@ ROWS = {
 }
 ROWS.update({f"{k}_const": (d, w, False) for k, (d, w, _) in ROWS.items() if k != "diag"})
 NAMES = tuple(ROWS) + ("toy_2d", "demo")
+# The report's tables these configs form, read by iaf_jax.experiments (report's grouping, sweep --table):
+# table id -> (title, config names in the table's row order). [R] Table 1: the learnt-sigma rows; [R] Table 2:
+# each IAF row beside its constant-sigma twin.
+_LEARNT = tuple(k for k, (_, _, learnt) in ROWS.items() if learnt)
+TABLES = {
+    "1": ("Table 1: MNIST models, learnt sigma", _LEARNT),
+    "2": ("Table 2: MNIST models, learnt vs constant sigma",
+          tuple(n for k in _LEARNT if k != "diag" for n in (k, f"{k}_const"))),
+}
 
 
 def base_config() -> ml_collections.ConfigDict:

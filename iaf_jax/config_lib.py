@@ -2,8 +2,11 @@
 config it was trained with so that resuming or evaluating with an incompatible one is refused."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import types
+
 import ml_collections
 
 from iaf_jax import data as data_lib
@@ -59,6 +62,40 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   ib = e.get("importance_batch_size", 0)
   need(isinstance(ib, int) and ib >= 0, "eval.importance_batch_size", ib,
        "must be an integer >= 0 (0 = eval.batch_size)")
+
+
+# Config files loaded so far, by real path: each file is executed once per process, so every tool that reads
+# a config file (its NAMES, TABLES, get_config) sees the same module.
+_CONFIG_MODULES: dict[str, types.ModuleType] = {}
+
+
+def load_config_module(path: str) -> types.ModuleType:
+  """A config file (configs/mnist.py) as a module. Loaded by path, as ml_collections' config_flags loads
+  train.py's --config: configs/ is not a package. ConfigError (one line naming the file) if it does not load."""
+  real = os.path.realpath(path)
+  if real not in _CONFIG_MODULES:
+    if not os.path.isfile(real):
+      raise ConfigError(f"config file {path} not found")
+    spec = importlib.util.spec_from_file_location(f"_iaf_config_{len(_CONFIG_MODULES)}", real)
+    module = importlib.util.module_from_spec(spec)
+    try:
+      spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - whatever a config file raises, as one line naming it
+      raise ConfigError(f"{path}: cannot load it ({type(e).__name__}: {e})") from None
+    _CONFIG_MODULES[real] = module
+  return _CONFIG_MODULES[real]
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """'configs/mnist.py:NAME' -> the config train.py's --config=configs/mnist.py:NAME starts from (before any
+  --config.* override): the file's get_config(NAME), or get_config() without ':NAME'. An unknown name is the
+  file's own one-line error, as a ConfigError."""
+  path, sep, name = spec.partition(":")
+  module = load_config_module(path)
+  try:
+    return module.get_config(name) if sep else module.get_config()
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def to_dict(c: ml_collections.ConfigDict) -> dict:

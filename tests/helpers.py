@@ -5,9 +5,11 @@ import sys
 
 import ml_collections
 
+from iaf_jax import config_lib
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "configs"))
-import mnist  # noqa: E402  (configs/ is not a package: configs are loaded by path, as config_flags does)
+# configs/ is not a package: configs are loaded by path, as config_flags does, through the tools' loader.
+mnist = config_lib.load_config_module(os.path.join(REPO, "configs", "mnist.py"))
 
 TINY_OVERRIDES = {
     "data.name": "digits", "model.context_dim": 8, "train.lr_schedule": "constant", "model.channels": (4, 8), "model.strides": (2, 2), "model.hidden_dim": 16, "model.latent_dim": 4,

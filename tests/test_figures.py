@@ -9,11 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import tiny_config  # also puts configs/ on sys.path
-import cifar10  # noqa: E402  (configs/cifar10.py)
-from iaf_jax import data as data_lib, diagnostics, eval_lib, plots, train_lib
+from helpers import REPO, tiny_config
+from iaf_jax import config_lib, data as data_lib, diagnostics, eval_lib, plots, train_lib
 from iaf_jax.experiments import figures
 from iaf_jax.models.mnist_vae import MnistVAE
+
+cifar10 = config_lib.load_config_module(os.path.join(REPO, "configs", "cifar10.py"))
 
 
 LATEST = "latest"   # the tiny runs skip validation, so they have no 'best' checkpoint

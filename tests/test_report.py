@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -265,17 +266,30 @@ def test_report_cli_error_and_skip_missing(swept, tmp_path, capsys):
   assert [row["workdir"] for row in csv.DictReader(io.StringIO(out))] == [good]
 
 
+def expected_label(name: str):
+  """The report's label of config `name` at its defaults, from the name's pattern (None when it has none): an
+  oracle independent of the configs' fields and the models' labellers."""
+  base = name[len("baseline_"):] if name.startswith("baseline_") else name
+  m = re.fullmatch(r"iaf_d(\d+)_w(\d+)(_const)?", base)
+  if base == "diag":
+    return "Diagonal covariance"
+  if m:
+    return f"IAF (Depth: {m[1]}, Width: {m[2]})" + (", constant sigma" if m[3] else "")
+  m = re.fullmatch(r"rungs(\d+)_(gauss|iaf)", name)
+  if m:
+    return f"{m[1]} rungs {'IAF' if m[2] == 'iaf' else 'Gaussian'}"
+  return None
+
+
 def test_tables_and_quotes_match_the_configs_and_the_sources():
-  sys.path.insert(0, os.path.join(REPO, "configs"))
-  import cifar10
-  import mnist
   from iaf_jax import config_lib
-  modules = {"configs/mnist.py": mnist, "configs/cifar10.py": cifar10}
   for t, (_, config_file, names, unit, _, qcols) in report.TABLES.items():
-    module = modules[config_file]
+    module = config_lib.load_config_module(os.path.join(REPO, config_file))
     for name in names:
       c = config_lib.to_dict(module.get_config(name))
-      assert report.model_label(c) == report._canonical_label(name), name
+      assert report.model_label(c) == expected_label(name), name
+      # The model a row must be to get the row's quoted figures (quoted_for) is the same.
+      assert report.table_model_label(t, name) == expected_label(name), name
       assert (c["model"]["likelihood"] == "bernoulli") == (unit == "nats"), name
       keys = [k for _, ks in qcols for k in ks if k in report.QUOTED[name]]
       assert keys, (t, name)  # every row of the report's tables has its quoted figures

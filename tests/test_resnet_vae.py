@@ -4,7 +4,6 @@ Models are tiny (h_size 8, z_size 4, 8x8 images) so that the XLA compiles, which
 stay short. Keys for the tiny models are 'rbg' keys (cheaper to compile on CPU than the threefry
 expansion); one test runs the model with the classic uint32 PRNGKey too.
 """
-import importlib.util
 import math
 import os
 
@@ -14,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from iaf_jax import objectives
+from iaf_jax import config_lib, objectives
 from iaf_jax.models import build_model
 from iaf_jax.models.resnet_vae import ResNetVAE, build_resnet_vae
 
@@ -383,12 +382,8 @@ def test_sample_and_reconstruct(tiny):
 
 
 def load_config_module(name):
-  """Loads a config file by path, as ml_collections' config_flags does (no package import)."""
-  path = os.path.join(REPO, "configs", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"_test_config_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  """configs/{name}.py through the tools' loader (by path, as ml_collections' config_flags does)."""
+  return config_lib.load_config_module(os.path.join(REPO, "configs", f"{name}.py"))
 
 
 def flat_keys(cfg, prefix=""):

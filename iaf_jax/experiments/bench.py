@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import ast
 import datetime
-import importlib.util
 import json
 import os
 import platform
@@ -91,7 +90,9 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-  """'model.h_size=64' -> ('model.h_size', 64); values are Python literals ((4,8), 1e-3, True) or strings."""
+  """'model.h_size=64' -> ('model.h_size', 64); values are Python literals ((4,8), 1e-3, True) or strings, as
+  ml_collections reads an untyped --config.* value. Parsed before any config is known: one --override applies
+  to every config with the field, whose type set_field then applies."""
   key, sep, raw = text.partition("=")
   key = key.strip()
   if not sep or key.count(".") != 1 or not all(key.split(".")):
@@ -159,34 +160,30 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 # ----------------------------------------------------------------------------- configs
 
-_config_modules: dict = {}
+def config_module(file_part: str):
+  """The config file of a --configs entry's FILE: mnist, cifar10 (configs/) or a path to a .py config file."""
+  from iaf_jax import config_lib
 
-
-def _config_module(file_part: str):
   path = file_part if file_part.endswith(".py") else os.path.join(CONFIG_DIR, f"{file_part}.py")
-  path = os.path.abspath(path)
-  if path not in _config_modules:
-    if not os.path.isfile(path):
-      raise BenchError(f"config file {path} not found (use mnist, cifar10 or a path to a .py config file)")
-    spec = importlib.util.spec_from_file_location(f"_iaf_bench_config_{len(_config_modules)}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    _config_modules[path] = module
-  return _config_modules[path]
+  try:
+    return config_lib.load_config_module(os.path.abspath(path))
+  except config_lib.ConfigError as e:
+    raise BenchError(f"{e} (use mnist, cifar10 or a path to a .py config file)") from None
 
 
-def _set_field(config, key: str, value) -> bool:
-  """Sets config.section.field if the config has it; False if it has not."""
+def set_field(config, key: str, value) -> bool:
+  """Sets config.section.field as ml_collections applies a --config.section.field override, if the config has
+  the field (False if not): a tuple field takes a scalar as a 1-tuple (its TupleParser), and ConfigDict's own
+  assignment converts ints for float fields and lists for tuple fields, and refuses other types."""
+  from ml_collections.config_flags import config_path, tuple_parser
+
   section, field = key.split(".")
   if section not in config or field not in config[section]:
     return False
-  old = config[section][field]
-  if isinstance(old, tuple) and not isinstance(value, tuple):
-    value = (value,)
-  if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
-    value = float(value)
+  if config_path.get_type(key, config) is tuple:
+    value = tuple_parser.TupleParser().parse(value)
   try:
-    config[section][field] = value
+    config_path.set_value(key, config, value)
   except (TypeError, ValueError) as e:
     raise BenchError(f"--override {key}={value!r}: {str(e).splitlines()[0]}") from None
   return True
@@ -200,18 +197,18 @@ def load_config(spec: str, overrides: Sequence[tuple[str, Any]], quick: bool):
   file_part, sep, name = spec.partition(":")
   if not sep or not file_part or not name:
     raise BenchError(f"--configs: {spec!r} is not FILE:NAME (e.g. mnist:diag, cifar10:rungs4_iaf)")
-  module = _config_module(file_part)
+  module = config_module(file_part)
   try:
-    config = module.get_config(name)
-  except ValueError as e:
+    config = config_lib.load_config_file(f"{module.__file__}:{name}")
+  except config_lib.ConfigError as e:
     raise BenchError(str(e)) from None
   if quick:
     for key, value in QUICK_OVERRIDES.items():
-      _set_field(config, key, value)
+      set_field(config, key, value)
   for key, value in overrides:
-    _set_field(config, key, value)  # fields this config lacks are skipped (see _check_overrides_exist)
+    set_field(config, key, value)  # fields this config lacks are skipped (see _check_overrides_exist)
   for key, value in map(parse_override, own_overrides):
-    if not _set_field(config, key, value):
+    if not set_field(config, key, value):
       raise BenchError(f"--configs {spec}@{key}: {spec} has no field {key}")
   try:
     config_lib.validate_config(config)
@@ -224,7 +221,7 @@ def times_sampling(spec: str) -> bool:
   """Whether the bench times prior sampling for a --configs entry: the names its config file lists in
   SAMPLING_TIMED (configs/cifar10.py: the ResNet VAEs, whose sampling speed the paper reports)."""
   file_part, _, name = spec.split("@")[0].partition(":")
-  return name in getattr(_config_module(file_part), "SAMPLING_TIMED", ())
+  return name in getattr(config_module(file_part), "SAMPLING_TIMED", ())
 
 
 def _check_overrides_exist(specs, overrides):

@@ -10,23 +10,26 @@ largest K is used (checkpoint 'best' first, then 'latest', then the newest step)
 Numbers follow the replication report's sign convention: VLB = -ELBO and ~-log p(x) = the importance-sampled
 negative log-likelihood, both positive, and Delta = VLB - (~-log p(x)) >= 0. Bernoulli runs (MNIST-type) are
 in nats per image, discretized-logistic runs (CIFAR-type) in bits/dim, decided by config.json's
-model.likelihood. Rows are grouped into the report's Tables 1-4 by config name; anything else goes to
-"Other runs". The published figures in QUOTED are copied from the sources named beside them: quoted, not
-measured here.
+model.likelihood. Rows are grouped into the report's Tables 1-4 by config name, as the config files' TABLES
+list them (configs/mnist.py, configs/cifar10.py); anything else goes to "Other runs". The published figures
+in QUOTED are copied from the sources named beside them: quoted, not measured here.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import json
 import math
 import os
-import re
 import sys
 from typing import Optional
 
+import ml_collections
+
 from iaf_jax import config_lib, workdir as workdir_lib
+from iaf_jax.experiments import REPO, config_tables
 
 
 class ReportError(config_lib.ConfigError):
@@ -79,22 +82,31 @@ QUOTED = {
 }
 
 # ------------------------------------------------------------------------------------------ table layout
-# id -> (title, config file, config names in the report's row order, unit, the report's dataset,
-#        quoted columns: (header, QUOTED keys; a row shows the first it has)).
-# The config names are those of configs/mnist.py ROWS and configs/cifar10.py BASELINES / RESNETS.
-_T1 = ["diag", "iaf_d2_w320", "iaf_d2_w1920", "iaf_d4_w1920", "iaf_d8_w1920"]
-_T2 = [n for name in _T1[1:] for n in (name, name + "_const")]
+# The table unit of each likelihood: the report's MNIST tables are in nats, its CIFAR-10 tables in bits/dim.
+UNITS = {"bernoulli": "nats", "logistic": "bits/dim"}
+# The quoted columns beside each table's rows: (header, QUOTED keys; a row shows the first it has).
 _R, _P = "report [R], quoted", "paper [P], quoted"
-TABLES = {
-    "1": ("Table 1: MNIST models, learnt sigma", "configs/mnist.py", _T1, "nats", "binarized_mnist",
-          ((_R, ("R1",)), (_P, ("P1",)))),
-    "2": ("Table 2: MNIST models, learnt vs constant sigma", "configs/mnist.py", _T2, "nats", "binarized_mnist",
-          ((_R, ("R1", "R2")),)),
-    "3": ("Table 3: CIFAR-10 baselines (MNIST architecture, discretized logistic)", "configs/cifar10.py",
-          ["baseline_" + n for n in _T1], "bits/dim", "cifar10", ((_R, ("R3",)),)),
-    "4": ("Table 4: ResNet VAE, bidirectional inference (CIFAR-10 models)", "configs/cifar10.py",
-          [f"rungs{r}_{k}" for r in (4, 8, 20) for k in ("gauss", "iaf")], "bits/dim", "cifar10", ((_R, ("R4",)),)),
-}
+QUOTED_COLUMNS = {"1": ((_R, ("R1",)), (_P, ("P1",))), "2": ((_R, ("R1", "R2")),), "3": ((_R, ("R3",)),),
+                  "4": ((_R, ("R4",)),)}
+
+
+def _table_layout() -> dict:
+  """id -> (title, config file, config names in row order, unit, the report's dataset, quoted columns). Which
+  configs form a table is the config files' TABLES; its unit and dataset are those of its rows' configs."""
+  out = {}
+  for t, (title, config_file, names) in config_tables().items():
+    module = config_lib.load_config_module(os.path.join(REPO, config_file))
+    configs = [module.get_config(n) for n in names]
+    units = {UNITS.get(c.model.likelihood) for c in configs}
+    datasets = {c.data.name for c in configs}
+    if len(units) != 1 or len(datasets) != 1:
+      raise ReportError(f"{config_file}: table {t}'s configs mix units {sorted(map(str, units))} or datasets "
+                        f"{sorted(datasets)}; one table is one unit on one dataset")
+    out[t] = (title, config_file, names, units.pop(), datasets.pop(), QUOTED_COLUMNS.get(t, ()))
+  return out
+
+
+TABLES = _table_layout()
 OTHER = "Other runs"
 
 NUMERIC_KEYS = ("neg_elbo_nats", "nll_nats", "gap_nats", "bits_per_dim_elbo", "bits_per_dim_nll")
@@ -174,29 +186,19 @@ def read_metrics(workdir: str) -> dict:
 
 
 def model_label(config: dict) -> str:
-  """The report's name for the model a config.json describes (from its fields, not its name)."""
-  m = config.get("model", {})
-  if m.get("kind") == "resnet_vae":
-    rungs = int(m.get("depth", 0)) * int(m.get("num_blocks", 0))
-    return f"{rungs} rungs {'IAF' if m.get('iaf') else 'Gaussian'}"
-  if not m.get("iaf_depth"):
-    return "Diagonal covariance"
-  label = f"IAF (Depth: {m.get('iaf_depth')}, Width: {m.get('iaf_width')})"
-  return label if m.get("learnt_sigma", True) else label + ", constant sigma"
+  """The report's name for the model a config.json describes: its model kind's labeller (models.model_label),
+  from the fields, not the config's name. ValueError for a model kind the package does not know."""
+  from iaf_jax import models  # here: the labellers' modules import jax, which nothing else in the report needs
+
+  return models.model_label(ml_collections.ConfigDict(config.get("model", {})))
 
 
-def _canonical_label(name: str) -> Optional[str]:
-  """The label of config `name` at its defaults, from the name's pattern (None when it has none)."""
-  base = name[len("baseline_"):] if name.startswith("baseline_") else name
-  m = re.fullmatch(r"iaf_d(\d+)_w(\d+)(_const)?", base)
-  if base == "diag":
-    return "Diagonal covariance"
-  if m:
-    return f"IAF (Depth: {m[1]}, Width: {m[2]})" + (", constant sigma" if m[3] else "")
-  m = re.fullmatch(r"rungs(\d+)_(gauss|iaf)", name)
-  if m:
-    return f"{m[1]} rungs {'IAF' if m[2] == 'iaf' else 'Gaussian'}"
-  return None
+@functools.cache
+def table_model_label(table: str, name: str) -> str:
+  """The label of the table's config `name` at its config file's defaults: the report's model for that row."""
+  config_file = TABLES[table][1]
+  config = config_lib.load_config_file(f"{os.path.join(REPO, config_file)}:{name}")
+  return model_label(config_lib.to_dict(config))
 
 
 def read_run(workdir: str, split: str) -> dict:
@@ -216,15 +218,18 @@ def read_run(workdir: str, split: str) -> dict:
   path, checkpoint, k = files[0]
   r = load_eval(path, split, k)
   likelihood = config["model"].get("likelihood", r.get("likelihood"))
-  if likelihood == "bernoulli":
-    unit, vlb, nll = "nats", float(r["neg_elbo_nats"]), float(r["nll_nats"])
-  elif likelihood == "logistic":
-    unit, vlb, nll = "bits/dim", float(r["bits_per_dim_elbo"]), float(r["bits_per_dim_nll"])
-  else:
+  if likelihood not in UNITS:
     raise ReportError(f"{cfg_path}: model.likelihood is {likelihood!r}; expected 'bernoulli' or 'logistic'")
+  unit = UNITS[likelihood]
+  keys = ("neg_elbo_nats", "nll_nats") if unit == "nats" else ("bits_per_dim_elbo", "bits_per_dim_nll")
+  vlb, nll = (float(r[k]) for k in keys)
   name = str(config.get("name") or r.get("config") or "")
+  try:
+    label = model_label(config)
+  except ValueError as e:
+    raise ReportError(f"{cfg_path}: {e}") from None
   row = {
-      "config": name, "model": model_label(config), "unit": unit, "vlb": vlb, "log_px": nll,
+      "config": name, "model": label, "unit": unit, "vlb": vlb, "log_px": nll,
       "gap": float(r["gap_nats"]) if unit == "nats" else vlb - nll,
       "num_samples": int(r["num_samples"]), "num_examples": int(r["num_examples"]), "split": split,
       "checkpoint": checkpoint, "checkpoint_step": int(r["checkpoint_step"]),
@@ -265,7 +270,7 @@ def quoted_for(row: dict, table: str) -> dict:
   if table == OTHER:
     return {}
   dataset = TABLES[table][4]
-  if row["dataset"] != dataset or row["model"] != _canonical_label(row["config"]):
+  if row["dataset"] != dataset or row["model"] != table_model_label(table, row["config"]):
     return {}
   keys = {k for _, ks in TABLES[table][5] for k in ks}
   return {key: v for key, v in QUOTED.get(row["config"], {}).items() if key in keys}

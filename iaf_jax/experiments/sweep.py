@@ -19,7 +19,6 @@ current row (train.py saves a checkpoint) and the sweep; rerun the same command 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import shlex
 import signal
@@ -30,7 +29,7 @@ import warnings
 from typing import Optional
 
 from iaf_jax import config_lib, workdir as workdir_lib
-from iaf_jax.experiments import REPO, report
+from iaf_jax.experiments import REPO, config_tables, report
 
 TAIL_BYTES = 8192
 
@@ -46,19 +45,17 @@ def _display_path(path: str) -> str:
 
 
 def default_config_path(table: str) -> str:
-  return _display_path(os.path.join(REPO, report.TABLES[table][1]))
+  return _display_path(os.path.join(REPO, config_tables()[table][1]))
 
 
 def known_names(config_path: str) -> Optional[tuple]:
   """NAMES of a config file (configs/mnist.py and configs/cifar10.py define it), None if it has none."""
   if not os.path.isfile(config_path):
     raise SweepError(f"--config={config_path}: no such file")
-  spec = importlib.util.spec_from_file_location("_iaf_sweep_config", config_path)
-  module = importlib.util.module_from_spec(spec)
   try:
-    spec.loader.exec_module(module)
-  except Exception as e:  # noqa: BLE001 - a config file that does not even import
-    raise SweepError(f"--config={config_path}: cannot load it ({type(e).__name__}: {e})") from None
+    module = config_lib.load_config_module(config_path)
+  except config_lib.ConfigError as e:  # a config file that does not even import
+    raise SweepError(f"--config={e}") from None
   names = getattr(module, "NAMES", None)
   return tuple(names) if names is not None else None
 
@@ -307,8 +304,9 @@ def parse_args(argv: list[str]):
   p = _Parser(prog="python -m iaf_jax.experiments.sweep", description=__doc__.split("\n\n")[0])
   p.add_argument("--config", default="", help="Config file, e.g. configs/mnist.py (default: the --table's).")
   p.add_argument("--rows", default="", help="Comma-separated config names of the config file.")
-  p.add_argument("--table", default="", choices=("",) + tuple(report.TABLES),
-                 help="The rows of the report's table N (1, 2: configs/mnist.py; 3, 4: configs/cifar10.py).")
+  p.add_argument("--table", default="", choices=("",) + tuple(config_tables()),
+                 help="The rows of the report's table N, as the config files' TABLES list them (1, 2: "
+                 "configs/mnist.py; 3, 4: configs/cifar10.py).")
   p.add_argument("--root", required=True, help="Each row trains into ROOT/ROW.")
   p.add_argument("--evaluate", action="store_true", help="Run evaluate.py after each row's training.")
   p.add_argument("--split", default="test", choices=("test", "valid", "train"), help="Split --evaluate uses.")
@@ -332,7 +330,7 @@ def resolve(args) -> dict:
   config_path = args.config or (default_config_path(args.table) if args.table else "")
   if not config_path:
     raise SweepError("--config=FILE is needed with --rows")
-  rows = list(report.TABLES[args.table][2]) if args.table else [r.strip() for r in args.rows.split(",") if r.strip()]
+  rows = list(config_tables()[args.table][2]) if args.table else [r.strip() for r in args.rows.split(",") if r.strip()]
   if not rows:
     raise SweepError(f"--rows={args.rows!r}: no row names")
   dupes = sorted({r for r in rows if rows.count(r) > 1})

@@ -32,11 +32,13 @@ import importlib
 class ModelKind:
   """A value of config.model.kind: its module (imported on first use, so `import iaf_jax.models` needs no flax)
   and the names there of its builder, (model_config, image_shape) -> Module, and of its config check,
-  (model_config) -> None or a one-line ConfigError. `init_only_fields`: config.model fields that only set the
-  initialisation, so a checkpoint resumes whatever they say (and runs saved before they existed lack them)."""
+  (model_config) -> None or a one-line ConfigError, and of its labeller, (model_config) -> the tools' name for
+  the model (report rows: "IAF (Depth: 2, Width: 320)"). `init_only_fields`: config.model fields that only set
+  the initialisation, so a checkpoint resumes whatever they say (and runs saved before they existed lack them)."""
   module: str
   builder: str
   validator: str = "validate_config"
+  labeller: str = "model_label"
   init_only_fields: tuple[str, ...] = ()
 
   def function(self, name: str):
@@ -51,9 +53,10 @@ MODEL_KINDS = {
 
 
 def _kind(model_config) -> ModelKind:
-  if model_config.kind not in MODEL_KINDS:
-    raise ValueError(f"config.model.kind must be one of {tuple(MODEL_KINDS)}, got {model_config.kind!r}")
-  return MODEL_KINDS[model_config.kind]
+  kind = model_config.get("kind")  # get: a config.json without the field is refused by name, not AttributeError
+  if kind not in MODEL_KINDS:
+    raise ValueError(f"config.model.kind must be one of {tuple(MODEL_KINDS)}, got {kind!r}")
+  return MODEL_KINDS[kind]
 
 
 def validate_model_config(model_config) -> None:
@@ -66,3 +69,10 @@ def build_model(model_config, image_shape):
   """The model a config describes, for images of shape (H, W, C) (taken from the data)."""
   kind = _kind(model_config)
   return kind.function(kind.builder)(model_config, tuple(image_shape))
+
+
+def model_label(model_config) -> str:
+  """The tools' name for the model config.model describes, from its fields (not the config's name), by its
+  kind's own labeller: the report names rows with it and matches them to the report's models."""
+  kind = _kind(model_config)
+  return kind.function(kind.labeller)(model_config)

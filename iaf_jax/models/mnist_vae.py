@@ -320,6 +320,14 @@ def validate_config(m) -> None:
        "must be >= 0 (0 = the hidden layer is the IAF context)")
 
 
+def model_label(m) -> str:
+  """The report's name for this model (models.model_label); runs saved before learnt_sigma existed learnt it."""
+  if not m.iaf_depth:
+    return "Diagonal covariance"
+  label = f"IAF (Depth: {m.iaf_depth}, Width: {m.iaf_width})"
+  return label if m.get("learnt_sigma", True) else label + ", constant sigma"
+
+
 def build_mnist_vae(model_config, image_shape) -> MnistVAE:
   """The MnistVAE `config.model` describes, for images of shape (H, W, C): each field of the module from the
   config field of the same name (model_field for those older runs' configs lack), sequences as tuples (a flax

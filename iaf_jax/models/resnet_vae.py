@@ -583,6 +583,13 @@ def validate_config(model_config) -> None:
     raise ConfigError(f"config.model: {err}") from None
 
 
+def model_label(model_config) -> str:
+  """The report's name for this model (models.model_label): its rungs and their posterior, from the same
+  fields (and fallbacks for older runs) the builder reads."""
+  kwargs = _resnet_vae_kwargs(model_config, None)
+  return f"{kwargs['depth'] * kwargs['num_blocks']} rungs {'IAF' if kwargs['iaf'] else 'Gaussian'}"
+
+
 def build_resnet_vae(model_config, image_shape) -> ResNetVAE:
   """The ResNetVAE `config.model` describes (configs/cifar10.py), for images of shape (H, W, C). Checked here
   with the image shape (a ValueError), before any parameter exists."""
