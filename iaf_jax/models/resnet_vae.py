@@ -135,8 +135,8 @@ class Rung(nn.Module):
     # Its input, the top-down stream, barely varies over the batch at init (it grows from the constant h_top by
     # 0.1-weighted residuals), so data-dependent init gave it gains of 6-12 (other layers: ~1), and then the first
     # Adamax steps, which move every kernel entry by about the learning rate, turned ~20% of the normalised
-    # kernel per step at lr 0.01 and moved the log-std outputs by several units: KL of 50,000 nats (up to 1e13)
-    # in the first 20 steps at the paper's size. Measured in docs/cifar10.md (scripts/early_kl_probe.py, with
+    # kernel per step at lr 0.01 and moved the log-std outputs by several units: on CIFAR-10 at the paper's size
+    # the KL reached 1.9e6 nats and 5 of the first 20 steps were non-finite. Measured in docs/cifar10.md (scripts/early_kl_probe.py, with
     # head_data_init=True for the old init; its top rung never had it: h_top is constant over the batch at init).
     self.down_conv1 = Conv2D(4 * z + 2 * h, 3, weight_norm=wn, init_scale=_INIT_SCALE,
                              data_init=self.head_data_init and not self.top)
