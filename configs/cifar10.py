@@ -94,8 +94,8 @@ def get_config(name: str = "rungs4_iaf") -> ml_collections.ConfigDict:
     c.train.ema_decay = 0.999           # [H] EMA of parameters, decay 0.999, used for evaluation
     c.train.free_bits = 0.25            # [H] kl_min=0.25 free nats
     # Importance sampling in passes of 10 images x 32 samples (320 rows of 16x16 feature maps): the MNIST
-    # default (100 x 128 = 12,800 rows, 2 GB per h_size-160 activation) ran 1.9x slower at h_size 32 and took
-    # 101 s to compile instead of 12 s (docs/cifar10.md).
+    # default (100 x 128 = 12,800 rows, 2 GB per h_size-160 activation) took 1.9x as long at h_size 32,
+    # compilation included (docs/cifar10.md).
     c.eval.importance_batch_size = 10
     c.eval.chunk_size = 32
   else:
