@@ -55,6 +55,7 @@ class PixelCNNNetwork(nn.Module):
   kernel_size: int = 3
   num_outputs_per_latent: int = 2
   weight_norm: bool = True
+  explicit_grads: bool = False  # MaskedConv2D.explicit_grads: for use inside lax.scan
 
   @nn.compact
   def __call__(self, z: jax.Array, context: Optional[jax.Array] = None) -> jax.Array:
@@ -65,22 +66,25 @@ class PixelCNNNetwork(nn.Module):
     for i, width in enumerate(self.hidden_channels):
       mask = masks_lib.pixelcnn_mask(self.kernel_size, in_ch, width, mask_type, num_groups=c,
                                      num_context=num_context if i == 0 else 0)
-      x = nn.elu(MaskedConv2D(width, self.kernel_size, mask=mask, weight_norm=self.weight_norm)(x))
+      x = nn.elu(MaskedConv2D(width, self.kernel_size, mask=mask, weight_norm=self.weight_norm,
+                              explicit_grads=self.explicit_grads)(x))
       in_ch, mask_type = width, "B"
     r = self.num_outputs_per_latent
     mask = masks_lib.pixelcnn_mask(self.kernel_size, in_ch, c * r, mask_type, num_groups=c,
                                    num_context=num_context if not self.hidden_channels else 0)
     out = MaskedConv2D(c * r, self.kernel_size, mask=mask, weight_norm=self.weight_norm,
-                       init_scale=OUTPUT_INIT_SCALE)(x)
+                       init_scale=OUTPUT_INIT_SCALE, explicit_grads=self.explicit_grads)(x)
     return out.reshape(*z.shape, r)
 
 
 def autoregressive_network(kind: str, hidden: Sequence[int], num_outputs_per_latent: int, *, kernel_size: int = 3,
-                           weight_norm: bool = True, name: Optional[str] = None) -> nn.Module:
+                           weight_norm: bool = True, explicit_grads: bool = False,
+                           name: Optional[str] = None) -> nn.Module:
   if kind == "made":
     return MADE(tuple(hidden), num_outputs_per_latent, weight_norm=weight_norm, name=name)
   if kind == "pixelcnn":
-    return PixelCNNNetwork(tuple(hidden), kernel_size, num_outputs_per_latent, weight_norm=weight_norm, name=name)
+    return PixelCNNNetwork(tuple(hidden), kernel_size, num_outputs_per_latent, weight_norm=weight_norm,
+                           explicit_grads=explicit_grads, name=name)
   raise ValueError(f"autoregressive network kind must be 'made' or 'pixelcnn', got {kind!r}")
 
 
@@ -98,6 +102,7 @@ class IAFStep(nn.Module):
   reverse: bool = False
   kernel_size: int = 3
   weight_norm: bool = True
+  explicit_grads: bool = False  # 'pixelcnn': PixelCNNNetwork.explicit_grads
 
   @nn.compact
   def __call__(self, z: jax.Array, context: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
@@ -107,7 +112,8 @@ class IAFStep(nn.Module):
     ctx = context if (context is None or self.kind == "made") else flip(context)
     zr = flip(z)
     out = autoregressive_network(self.kind, self.hidden, 2 if self.learnt_sigma else 1,
-                                 kernel_size=self.kernel_size, weight_norm=self.weight_norm)(zr, ctx)
+                                 kernel_size=self.kernel_size, weight_norm=self.weight_norm,
+                                 explicit_grads=self.explicit_grads)(zr, ctx)
     sum_axes = tuple(range(1, z.ndim))
     if self.learnt_sigma:
       m, s = out[..., 0], out[..., 1] + SIGMA_BIAS

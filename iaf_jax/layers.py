@@ -85,14 +85,56 @@ def _same_padding(size: int, k: int, s: int) -> tuple[int, tuple[int, int]]:
   return out, (total // 2, total - total // 2)
 
 
-def conv2d(x: jax.Array, w: jax.Array, strides: tuple[int, int]) -> jax.Array:
+def _conv_same(x: jax.Array, w: jax.Array) -> jax.Array:
+  return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=_NHWC)
+
+
+@jax.custom_vjp
+def conv2d_explicit_grads(x: jax.Array, w: jax.Array) -> jax.Array:
+  """Stride-1 SAME NHWC convolution whose gradients are written out as plain NHWC convolutions.
+
+  The values and gradients of lax.conv_general_dilated (equal to float32 rounding). Autodiff's kernel gradient
+  is a convolution with permuted dimension numbers; outside a loop XLA:CPU picks layouts that make it a
+  standard convolution, but inside lax.scan (scanned rungs) the loop's layouts are fixed and it falls to a slow
+  generic loop: 39x slower at h_size 32, 40x at 160 (scripts/scan_conv_grad_repro.py). Transposing the
+  operands explicitly keeps it a standard convolution there too. A custom_vjp has no forward mode: jax.jacfwd
+  through it fails, so only the scanned rungs use it (Rung.explicit_conv_grads).
+  """
+  return _conv_same(x, w)
+
+
+def _conv2d_explicit_fwd(x, w):
+  return _conv_same(x, w), (x, w)
+
+
+def _conv2d_explicit_bwd(res, g):
+  x, w = res
+  kh, kw = w.shape[:2]
+  (_, pad_h), (_, pad_w) = _same_padding(x.shape[1], kh, 1), _same_padding(x.shape[2], kw, 1)
+  # dx: g convolved with the kernel flipped in space and its in/out axes swapped; the padding mirrors.
+  w_t = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
+  dx = jax.lax.conv_general_dilated(g, w_t, (1, 1), (pad_h[::-1], pad_w[::-1]), dimension_numbers=_NHWC)
+  # dw[i, j, c, o] = sum_{b, h, w} x_pad[b, h + i, w + j, c] g[b, h, w, o]: a VALID convolution of x as
+  # [c, H, W, b] (images = input channels, features = batch) with g as the kernel [H, W, b, o].
+  dw = jax.lax.conv_general_dilated(x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), (1, 1), (pad_h, pad_w),
+                                    dimension_numbers=_NHWC)
+  return dx, dw.transpose(1, 2, 0, 3)
+
+
+conv2d_explicit_grads.defvjp(_conv2d_explicit_fwd, _conv2d_explicit_bwd)
+
+
+def conv2d(x: jax.Array, w: jax.Array, strides: tuple[int, int], explicit_grads: bool = False) -> jax.Array:
   """NHWC x HWIO -> NHWC convolution with SAME padding.
 
   A single-channel input (the MNIST models' first encoder layer and last decoder layer) is convolved as a sum
   of kh*kw shifted slices times the kernel's taps: elementwise work, 5-30x faster than XLA:CPU's convolution
-  for one input channel (docs/performance.md).
+  for one input channel (docs/performance.md). `explicit_grads` (stride 1 only; others are unchanged):
+  `conv2d_explicit_grads`, for convolutions inside lax.scan.
   """
   if x.shape[-1] != 1:
+    if explicit_grads and tuple(strides) == (1, 1):
+      return conv2d_explicit_grads(x, w)
     return jax.lax.conv_general_dilated(x, w, strides, "SAME", dimension_numbers=_NHWC)
   (kh, kw, _, _), (sh, sw) = w.shape, strides
   (oh, pad_h), (ow, pad_w) = _same_padding(x.shape[1], kh, sh), _same_padding(x.shape[2], kw, sw)
@@ -157,13 +199,15 @@ class MaskedConv2D(nn.Module):
   data_init: bool = True
   init_scale: float = 1.0
   use_bias: bool = True
+  # True: stride-1 gradients via conv2d_explicit_grads (fast inside lax.scan; no jax.jacfwd through the layer).
+  explicit_grads: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     shape = (*_pair(self.kernel_size), x.shape[-1], self.features)
     strides = _pair(self.strides)
 
-    conv = lambda a, w: conv2d(a, w, strides)
+    conv = lambda a, w: conv2d(a, w, strides, self.explicit_grads)
     return _weight_normed(self, x, shape, conv, self.mask, self.weight_norm, self.data_init, self.init_scale,
                           self.use_bias)
 

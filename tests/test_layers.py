@@ -285,3 +285,35 @@ def test_conv2d_matches_xla_same_convolution(c_in, kernel, stride):
   ref = jax.grad(lambda a, k: jnp.sum(lax_conv(a, k) * cot), argnums=(0, 1))(x, w)
   for a, b in zip(ours, ref):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", [(3, 3), (1, 1), (5, 4), (2, 2), (4, 4)])
+def test_explicit_grad_convolution_has_lax_values_and_gradients_also_inside_scan(kernel):
+  """conv2d_explicit_grads (the scanned rungs' convolution) is lax's SAME stride-1 convolution: values and
+  input/kernel gradients, odd and even (asymmetrically padded) kernels, alone and as the body of lax.scan."""
+  from iaf_jax.layers import conv2d_explicit_grads
+
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(2, 7, 6, 3)).astype(np.float32)
+  ws = rng.normal(size=(2, *kernel, 3, 3)).astype(np.float32)
+  lax_conv = lambda a, k: jax.lax.conv_general_dilated(a, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  np.testing.assert_allclose(conv2d_explicit_grads(x, ws[0]), lax_conv(x, ws[0]), rtol=1e-5, atol=1e-5)
+  cot = rng.normal(size=x.shape).astype(np.float32)
+
+  def loss(conv, scan):
+    def f(a, k):
+      if scan:
+        a, _ = jax.lax.scan(lambda h, kk: (h + 0.5 * jnp.tanh(conv(h, kk)), None), a, k)
+      else:
+        a = conv(a, k[0])
+      return jnp.sum(a * cot)
+    return jax.jit(jax.grad(f, argnums=(0, 1)))
+
+  for scan in (False, True):
+    ours, ref = loss(conv2d_explicit_grads, scan)(x, ws), loss(lax_conv, scan)(x, ws)
+    for a, b in zip(ours, ref):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  # The layer flag routes stride-1 multi-channel convolutions through it and leaves strided ones to lax.
+  layer = MaskedConv2D(4, kernel, explicit_grads=True)
+  p = layer.init(jax.random.PRNGKey(0), x)
+  np.testing.assert_allclose(layer.apply(p, x), MaskedConv2D(4, kernel).apply(p, x), rtol=1e-5, atol=1e-5)

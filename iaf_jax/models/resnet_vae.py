@@ -125,12 +125,16 @@ class Rung(nn.Module):
   weight_norm: bool = True
   top: bool = False  # the top rung (its own scanned segment; kept so scanned parameter layouts stay as saved)
   head_data_init: bool = False  # True: the prior/posterior head's data-dependent init of before issue #15's fix
+  # True inside a scanned run: the stride-1 convolutions' gradients as conv2d_explicit_grads computes them
+  # (40x faster inside lax.scan on XLA:CPU). Changes no parameter and no value.
+  explicit_conv_grads: bool = False
 
   def setup(self):
     h, z, wn = self.h_size, self.z_size, self.weight_norm
     stride = 2 if self.downsample else 1
-    self.up_conv1 = Conv2D(2 * z + 2 * h, 3, stride, weight_norm=wn, init_scale=_INIT_SCALE)
-    self.up_conv2 = Conv2D(h, 3, weight_norm=wn, init_scale=_INIT_SCALE)
+    conv = functools.partial(Conv2D, weight_norm=wn, init_scale=_INIT_SCALE, explicit_grads=self.explicit_conv_grads)
+    self.up_conv1 = conv(2 * z + 2 * h, 3, stride)
+    self.up_conv2 = conv(h, 3)
     # The prior / posterior head starts as a plain weight-normed layer (g = 0.1), without data-dependent init.
     # Its input, the top-down stream, barely varies over the batch at init (it grows from the constant h_top by
     # 0.1-weighted residuals), so data-dependent init gave it gains of 6-12 (other layers: ~1), and then the first
@@ -138,14 +142,14 @@ class Rung(nn.Module):
     # kernel per step at lr 0.01 and moved the log-std outputs by several units: on CIFAR-10 at the paper's size
     # the KL reached 1.9e6 nats and 5 of the first 20 steps were non-finite. Measured in docs/cifar10.md (scripts/early_kl_probe.py, with
     # head_data_init=True for the old init; its top rung never had it: h_top is constant over the batch at init).
-    self.down_conv1 = Conv2D(4 * z + 2 * h, 3, weight_norm=wn, init_scale=_INIT_SCALE,
-                             data_init=self.head_data_init and not self.top)
+    self.down_conv1 = conv(4 * z + 2 * h, 3, data_init=self.head_data_init and not self.top)
     if self.downsample:
       self.down_conv2 = ConvTranspose2D(h, 3, 2, weight_norm=wn, init_scale=_INIT_SCALE)
     else:
-      self.down_conv2 = Conv2D(h, 3, weight_norm=wn, init_scale=_INIT_SCALE)
+      self.down_conv2 = conv(h, 3)
     if self.iaf:
-      self.iaf_step = IAFStep("pixelcnn", (h, h), self.learnt_sigma, weight_norm=wn)
+      self.iaf_step = IAFStep("pixelcnn", (h, h), self.learnt_sigma, weight_norm=wn,
+                              explicit_grads=self.explicit_conv_grads)
 
   def up(self, x: jax.Array):
     """Bottom-up half: x -> (output, (qz_mean, qz_logsd, up_context))."""
@@ -480,7 +484,7 @@ def _scanned_rungs(length: int):
   unrolling all of them."""
   common = dict(variable_axes={"params": 0}, split_rngs={"params": True}, length=length)
   methods = {"up": dict(common), **{m: dict(common, reverse=True) for m in _TOP_DOWN_METHODS}}
-  return nn.scan(Rung, methods=methods)
+  return functools.partial(nn.scan(Rung, methods=methods), explicit_conv_grads=True)
 
 
 def _rung_segments(depth: int, num_blocks: int) -> list[tuple[int, int, bool, bool]]:
