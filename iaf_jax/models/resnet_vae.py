@@ -250,9 +250,10 @@ class ResNetVAE(nn.Module):
   # its total) is shared equally among the rung's channels; rows still sum exactly to log_qz - log_pz.
   kl_groups: str = "rung"
   weight_norm: bool = True
-  # True: runs of identical rungs are scanned (one compiled rung body each, parameters stacked per run). On
-  # XLA:CPU that did not shorten compilation (20 rungs, h_size 32: 36 s scanned, 32 s unrolled) and the scanned
-  # backward pass ran ~30x slower (4 rungs, batch 32: 4.4 vs 130 img/s). False: every rung its own module.
+  # True: runs of identical rungs are scanned (one compiled rung body each, parameters stacked per run; the
+  # configs' default). Its convolutions then use hand-written gradients (Rung.explicit_conv_grads), without
+  # which XLA:CPU ran the scanned backward pass ~30x slower. False: every rung its own module (the layout of
+  # runs saved before scanning existed).
   scan_rungs: bool = False
   # True: the prior/posterior heads get data-dependent init, as before issue #15's fix (Rung.setup says why not).
   head_data_init: bool = False
