@@ -2,8 +2,10 @@
 config it was trained with so that resuming or evaluating with an incompatible one is refused."""
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
+import logging
 import os
 import types
 
@@ -11,6 +13,8 @@ import ml_collections
 
 from iaf_jax import data as data_lib
 from iaf_jax.workdir import CONFIG_FILE, DATA_INFO_FILE
+
+log = logging.getLogger(__name__)
 # Sections that define what a checkpoint holds: resuming with other values here would mix two runs.
 _IDENTITY_SECTIONS = ("model", "data")
 
@@ -140,6 +144,29 @@ def check_config_compatible(c: ml_collections.ConfigDict, workdir: str) -> None:
   if diffs:
     raise ConfigError(f"{workdir} was trained with another config ({'; '.join(diffs[:3])}); "
                       "use a new --workdir or the same model/data settings")
+
+
+def adopt_saved_layout(c: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """`c` with the model's layout fields (ModelKind.layout_fields, e.g. scan_rungs) set as the workdir saved them.
+
+  A checkpoint restores only into the parameter layout it was saved in, and these fields change nothing the
+  model computes, so rerunning a run's command resumes it even after their default changed."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return c
+  with open(path) as f:
+    saved = json.load(f).get("model", {})
+  from iaf_jax.models import MODEL_KINDS  # here: the models import this module
+  kind = MODEL_KINDS.get(c.model.get("kind"))
+  changes = {f: saved.get(f, absent) for f, absent in (kind.layout_fields if kind else ())
+             if f in c.model and saved.get(f, absent) != c.model[f]}
+  if not changes:
+    return c
+  c = copy.deepcopy(c)
+  for f, v in changes.items():
+    log.info("%s: resuming with its saved model.%s=%r (a parameter layout; the same model)", workdir, f, v)
+    c.model[f] = v
+  return c
 
 
 def save_config(c: ml_collections.ConfigDict, workdir: str) -> None:

@@ -172,6 +172,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if tc.distributed:
     sharding.initialize_distributed()
   checkpoints.check_workdir_writable(workdir)
+  config = config_lib.adopt_saved_layout(config, workdir)  # e.g. a run saved unrolled resumes unrolled
   config_lib.check_config_compatible(config, workdir)  # before any work; saved only once every check passed
 
   ds = data_lib.load_for_config(config)

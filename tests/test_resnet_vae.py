@@ -495,3 +495,39 @@ def test_init_only_field_does_not_block_resuming(tmp_path):
     cfg.model.h_size = 64
   with pytest.raises(config_lib.ConfigError, match="model.h_size"):
     config_lib.check_config_compatible(cfg, str(tmp_path))
+
+
+def test_run_saved_unrolled_resumes_unrolled_under_the_scanned_default(tmp_path):
+  """configs/cifar10.py now scans the rungs; rerunning the command of a run saved unrolled resumes it from its
+  checkpoint (its saved scan_rungs wins: a parameter layout, the same model) instead of refusing it, and the run's
+  config.json keeps its layout."""
+  import json
+
+  from iaf_jax import train_lib
+
+  rng = np.random.default_rng(0)
+  np.savez(tmp_path / "cifar10.npz", x_train=rng.integers(0, 256, (24, 8, 8, 3), dtype=np.uint8),
+           x_test=rng.integers(0, 256, (8, 8, 8, 3), dtype=np.uint8))
+  workdir = str(tmp_path / "run")
+
+  def config(num_steps, **model):
+    c = load_config_module("cifar10").get_config("rungs4_iaf")
+    with c.unlocked():
+      c.data.dir, c.data.validation_size = str(tmp_path), 8
+      c.model.h_size, c.model.z_size = 8, 2
+      c.train.batch_size, c.train.num_steps, c.train.checkpoint_every, c.train.eval_every = 8, num_steps, 2, 2
+      c.eval.valid_examples, c.eval.batch_size = 8, 8
+      for k, v in model.items():
+        c.model[k] = v
+    return c
+
+  assert config(2).model.scan_rungs  # the default
+  train_lib.train_and_evaluate(config(2, scan_rungs=False), workdir)
+  summary = train_lib.train_and_evaluate(config(4), workdir)
+  assert summary["step"] == 4
+  assert json.load(open(os.path.join(workdir, "config.json")))["model"]["scan_rungs"] is False
+  steps = [json.loads(line).get("step") for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert max(steps) == 4
+  # A change of the model itself is still refused.
+  with pytest.raises(config_lib.ConfigError, match="model.h_size"):
+    train_lib.train_and_evaluate(config(6, h_size=16), workdir)

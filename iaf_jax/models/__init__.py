@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+from typing import Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,12 +35,15 @@ class ModelKind:
   and the names there of its builder, (model_config, image_shape) -> Module, and of its config check,
   (model_config) -> None or a one-line ConfigError, and of its labeller, (model_config) -> the tools' name for
   the model (report rows: "IAF (Depth: 2, Width: 320)"). `init_only_fields`: config.model fields that only set
-  the initialisation, so a checkpoint resumes whatever they say (and runs saved before they existed lack them)."""
+  the initialisation, so a checkpoint resumes whatever they say (and runs saved before they existed lack them).
+  `layout_fields`: (field, value when absent) of config.model fields that change only how the parameters are laid
+  out, not what the model computes: a resumed run takes the workdir's saved values (config_lib.adopt_saved_layout)."""
   module: str
   builder: str
   validator: str = "validate_config"
   labeller: str = "model_label"
   init_only_fields: tuple[str, ...] = ()
+  layout_fields: tuple[tuple[str, Any], ...] = ()
 
   def function(self, name: str):
     return getattr(importlib.import_module(self.module), name)
@@ -48,7 +52,8 @@ class ModelKind:
 # The one list of model kinds: config checks, build_model and the tools read it.
 MODEL_KINDS = {
     "mnist_vae": ModelKind("iaf_jax.models.mnist_vae", "build_mnist_vae"),
-    "resnet_vae": ModelKind("iaf_jax.models.resnet_vae", "build_resnet_vae", init_only_fields=("head_data_init",)),
+    "resnet_vae": ModelKind("iaf_jax.models.resnet_vae", "build_resnet_vae", init_only_fields=("head_data_init",),
+                            layout_fields=(("scan_rungs", False),)),
 }
 
 
