@@ -127,16 +127,28 @@ def config_diff(a: dict, b: dict, prefix: str = "") -> list[str]:
   return out
 
 
-def check_config_compatible(c: ml_collections.ConfigDict, workdir: str) -> None:
-  """Refuse a config whose model or data differ from those the workdir was trained with."""
+def _saved_config(workdir: str):
+  """The workdir's config.json as a dict, or None for a workdir without one (a new run)."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
-    return
+    return None
   with open(path) as f:
-    old = json.load(f)
-  new = to_dict(c)
+    return json.load(f)
+
+
+def _model_kind(name):
+  """The ModelKind named by config.model.kind (None for an unknown kind: validate_config reports it)."""
   from iaf_jax.models import MODEL_KINDS  # here: the models import this module
-  kind = MODEL_KINDS.get(new.get("model", {}).get("kind"))
+  return MODEL_KINDS.get(name)
+
+
+def check_config_compatible(c: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuse a config whose model or data differ from those the workdir was trained with."""
+  old = _saved_config(workdir)
+  if old is None:
+    return
+  new = to_dict(c)
+  kind = _model_kind(new.get("model", {}).get("kind"))
   init_only = kind.init_only_fields if kind else ()
   identity = lambda cfg: {k: ({f: v for f, v in cfg.get(k, {}).items() if f not in init_only} if k == "model"
                               else cfg.get(k, {})) for k in _IDENTITY_SECTIONS}
@@ -151,13 +163,10 @@ def adopt_saved_layout(c: ml_collections.ConfigDict, workdir: str) -> ml_collect
 
   A checkpoint restores only into the parameter layout it was saved in, and these fields change nothing the
   model computes, so rerunning a run's command resumes it even after their default changed."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  old = _saved_config(workdir)
+  if old is None:
     return c
-  with open(path) as f:
-    saved = json.load(f).get("model", {})
-  from iaf_jax.models import MODEL_KINDS  # here: the models import this module
-  kind = MODEL_KINDS.get(c.model.get("kind"))
+  saved, kind = old.get("model", {}), _model_kind(c.model.get("kind"))
   changes = {f: saved.get(f, absent) for f, absent in (kind.layout_fields if kind else ())
              if f in c.model and saved.get(f, absent) != c.model[f]}
   if not changes:

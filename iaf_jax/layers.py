@@ -85,8 +85,8 @@ def _same_padding(size: int, k: int, s: int) -> tuple[int, tuple[int, int]]:
   return out, (total // 2, total - total // 2)
 
 
-def _conv_same(x: jax.Array, w: jax.Array) -> jax.Array:
-  return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=_NHWC)
+def _lax_conv(x: jax.Array, w: jax.Array, strides=(1, 1), padding="SAME") -> jax.Array:
+  return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC)
 
 
 @jax.custom_vjp
@@ -100,11 +100,11 @@ def conv2d_explicit_grads(x: jax.Array, w: jax.Array) -> jax.Array:
   operands explicitly keeps it a standard convolution there too. A custom_vjp has no forward mode: jax.jacfwd
   through it fails, so only the scanned rungs use it (Rung.explicit_conv_grads).
   """
-  return _conv_same(x, w)
+  return _lax_conv(x, w)
 
 
 def _conv2d_explicit_fwd(x, w):
-  return _conv_same(x, w), (x, w)
+  return _lax_conv(x, w), (x, w)
 
 
 def _conv2d_explicit_bwd(res, g):
@@ -113,11 +113,10 @@ def _conv2d_explicit_bwd(res, g):
   (_, pad_h), (_, pad_w) = _same_padding(x.shape[1], kh, 1), _same_padding(x.shape[2], kw, 1)
   # dx: g convolved with the kernel flipped in space and its in/out axes swapped; the padding mirrors.
   w_t = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
-  dx = jax.lax.conv_general_dilated(g, w_t, (1, 1), (pad_h[::-1], pad_w[::-1]), dimension_numbers=_NHWC)
+  dx = _lax_conv(g, w_t, padding=(pad_h[::-1], pad_w[::-1]))
   # dw[i, j, c, o] = sum_{b, h, w} x_pad[b, h + i, w + j, c] g[b, h, w, o]: a VALID convolution of x as
   # [c, H, W, b] (images = input channels, features = batch) with g as the kernel [H, W, b, o].
-  dw = jax.lax.conv_general_dilated(x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), (1, 1), (pad_h, pad_w),
-                                    dimension_numbers=_NHWC)
+  dw = _lax_conv(x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), padding=(pad_h, pad_w))
   return dx, dw.transpose(1, 2, 0, 3)
 
 
@@ -135,7 +134,7 @@ def conv2d(x: jax.Array, w: jax.Array, strides: tuple[int, int], explicit_grads:
   if x.shape[-1] != 1:
     if explicit_grads and tuple(strides) == (1, 1):
       return conv2d_explicit_grads(x, w)
-    return jax.lax.conv_general_dilated(x, w, strides, "SAME", dimension_numbers=_NHWC)
+    return _lax_conv(x, w, strides)
   (kh, kw, _, _), (sh, sw) = w.shape, strides
   (oh, pad_h), (ow, pad_w) = _same_padding(x.shape[1], kh, sh), _same_padding(x.shape[2], kw, sw)
   xp = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
