@@ -112,8 +112,9 @@ def evaluate(workdir: str, *, num_samples: int = 128, split: str = "test", check
   # (Runs saved before eval.importance_batch_size existed: eval.batch_size, as they were evaluated then.)
   bs = sharding.per_device_multiple(mesh, batch_size or c.eval.get("importance_batch_size", 0)
                                     or c.eval.batch_size)
-  fn = jax.jit(make_importance_eval(run.model, likelihood=c.model.likelihood, max_value=run.max_value,
-                                    num_samples=num_samples, chunk_size=chunk_size or c.eval.chunk_size))
+  fn = jax.jit(sharding.shard_examples(make_importance_eval(
+      run.model, likelihood=c.model.likelihood, max_value=run.max_value, num_samples=num_samples,
+      chunk_size=chunk_size or c.eval.chunk_size), mesh))
   params = jax.device_put(run.params, sharding.replicated(mesh))
   elbos, log_pxs = [], []
   t0 = time.time()

@@ -29,6 +29,23 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P("data"))
 
 
+def shard_examples(fn, mesh: Mesh):
+  """fn(params, examples, key) -> per-example outputs (leading axis the examples'), run by every device on its
+  own shard of the examples (shard_map), params replicated; the identity on a 1-device mesh.
+
+  Plain jit of a batch-sharded evaluation is not split: the importance sampler tiles the batch sample-major
+  ([K * B] rows, objectives.tile_samples), a layout the SPMD partitioner does not shard by example, so every
+  device computed every example (measured by the bench: per-device flops of the 2-device program = the whole
+  1-device program's). Each device folds its index into the key, so its draws are its own: the estimates on N
+  devices differ from 1 device's by Monte Carlo noise only."""
+  if mesh.devices.size == 1:
+    return fn
+
+  def local(params, examples, key):
+    return fn(params, examples, jax.random.fold_in(key, jax.lax.axis_index("data")))
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(), P("data"), P()), out_specs=P("data"))
+
+
 def global_batch(mesh: Mesh, local_images: np.ndarray) -> jax.Array:
   """This process's rows of the global batch -> one global array sharded over 'data'."""
   return jax.make_array_from_process_local_data(batch_sharded(mesh), local_images)

@@ -71,11 +71,16 @@ def test_quick_bench_json(tmp_path):
     assert 0.5 < r["flops_per_image"] / r["analytic_train_flops_per_image"] < 3.0, r
     fwd = r["analytic_forward_flops_per_image"]
     assert fwd["flow"] == 0 and fwd["encoder"] > 0 and fwd["decoder"] > 0   # diag: no IAF
+    # An importance sample runs the decoder forward (the encoder once per chunk of samples): more than the
+    # decoder's multiply-adds less its padded taps, less than a training image's forward and backward passes.
+    assert 0.5 * fwd["decoder"] < r["is_flops_per_sample"] < 0.5 * r["flops_per_image"], r
+    assert r["is_gflops_per_s"] == pytest.approx(r["is_flops_per_sample"] * r["is_samples_per_s"] / 1e9, rel=1e-6)
 
   # Same global batch on 1 and 2 devices: about the same cost per image in total; a little more on 2, where
   # every device repeats the per-parameter work (weight norm, optimizer, EMA) on its replica.
   for one, two in (rows[0:2], rows[2:4]):
     assert one["flops_per_image"] <= two["flops_per_image"] <= 1.5 * one["flops_per_image"], (one, two)
+    assert two["is_flops_per_sample"] == pytest.approx(one["is_flops_per_sample"], rel=0.2), (one, two)
   small, large = rows[0], rows[2]
   # Per-image cost: most of the step scales with the batch, so dividing by it gives about the same number.
   assert large["flops_per_image"] == pytest.approx(small["flops_per_image"], rel=0.2)

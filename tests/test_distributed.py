@@ -244,3 +244,31 @@ def test_an_early_stopped_run_stays_stopped_when_rerun(tmp_path):
   assert again["train_losses"] == []
   more = train_lib.train_and_evaluate(tiny_config(**dict(overrides, **{"train.early_stopping_patience": 50})), workdir)
   assert more["step"] == 12
+
+
+SHARD_EXAMPLES = r'''
+import jax, numpy as np
+from iaf_jax import sharding
+mesh = sharding.make_mesh(2)
+f = lambda params, x, key: (x * params + jax.random.normal(key, x.shape), x.sum() + 0 * x)
+x, key = np.arange(8.0, dtype=np.float32), jax.random.PRNGKey(3)
+g = jax.jit(sharding.shard_examples(f, mesh))
+out, sums = map(np.asarray, g(np.float32(2.0), jax.device_put(x, sharding.batch_sharded(mesh)), key))
+for d in range(2):   # device d: exactly its 4 examples (their sum is over its shard only), with its own key
+  want, want_sum = f(np.float32(2.0), x[4 * d:4 * d + 4], jax.random.fold_in(key, d))
+  np.testing.assert_allclose(out[4 * d:4 * d + 4], want, rtol=1e-6)
+  np.testing.assert_allclose(sums[4 * d:4 * d + 4], want_sum)
+noise = out - 2 * x
+assert not np.allclose(noise[:4], noise[4:])   # the devices' draws differ
+print("OK")
+'''
+
+
+def test_shard_examples_runs_each_device_on_its_own_examples_with_its_own_draws():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  proc = subprocess.run([sys.executable, "-c", SHARD_EXAMPLES], cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+  # And on one device it is the function itself.
+  f = lambda params, x, key: x
+  assert sharding.shard_examples(f, sharding.make_mesh(1)) is f

@@ -9,6 +9,8 @@ One row per (config, batch, devices), every time measured after compilation with
   train_cpu_ms_per_step  user + system CPU time of the process per update step over those timings: on a shared
                          host, a steadier comparison than wall time (other jobs slow the wall clock, not this)
   is_samples_per_s       examples * K / median time of one importance-sampling evaluation (eval_lib's, K=128)
+  is_gflops_per_s        is_flops_per_sample (XLA cost analysis of one chunk of that evaluation / its samples)
+                         * is_samples_per_s / 1e9: the evaluation's rate against the matmul ceiling
   flops_per_image        XLA cost analysis of the compiled update step, 'flops' / batch (per-device program
                          flops * devices / batch on a mesh: every device runs its shard of the batch)
   gflops_per_s           flops_per_image * train_images_per_s / 1e9
@@ -63,7 +65,8 @@ QUICK_OVERRIDES = {
     "model.iaf_width": 16, "model.context_dim": 8, "model.h_size": 8, "model.z_size": 4, "eval.chunk_size": 8,
 }
 QUICK_SETTINGS = {"steps": 2, "repeats": 1, "num_samples": 8}
-REQUIRED_KEYS = ("config", "batch", "devices", "train_images_per_s", "is_samples_per_s", "flops_per_image",
+REQUIRED_KEYS = ("config", "batch", "devices", "train_images_per_s", "is_samples_per_s", "is_flops_per_sample",
+                 "is_gflops_per_s", "flops_per_image",
                  "gflops_per_s", "matmul_ceiling_gflops", "compile_s", "peak_rss_mb")
 RESNET_KEYS = ("ms_per_image_batched", "ms_per_image_single")
 
@@ -310,19 +313,26 @@ class ConfigBench:
     self.state = train_lib.init_state(self.model, self.optimizer, self.images[:args.batch_sizes[0]], args.seed,
                                       likelihood=self.likelihood, max_value=self.max_value)
     self.num_params = sum(int(x.size) for x in jax.tree_util.tree_leaves(self.state.params))
-    self._is_fn = None
     self._sample_fns: dict = {}
 
-  def is_fn(self):
+  def is_fn(self, mesh, num_samples: Optional[int] = None):
+    """The importance-sampling evaluation as eval_lib.evaluate compiles it for `mesh` (K = --num_samples)."""
     import jax
 
-    from iaf_jax import eval_lib
+    from iaf_jax import eval_lib, sharding
 
-    if self._is_fn is None:
-      self._is_fn = jax.jit(eval_lib.make_importance_eval(
-          self.model, likelihood=self.likelihood, max_value=self.max_value, num_samples=self.args.num_samples,
-          chunk_size=min(self.config.eval.chunk_size, self.args.num_samples)))
-    return self._is_fn
+    num_samples = num_samples or self.args.num_samples
+    return jax.jit(sharding.shard_examples(eval_lib.make_importance_eval(
+        self.model, likelihood=self.likelihood, max_value=self.max_value, num_samples=num_samples,
+        chunk_size=min(self.config.eval.chunk_size, num_samples)), mesh))
+
+  def is_flops_per_sample(self, mesh, params, images, key) -> float:
+    """XLA's flops of one chunk of the importance-sampling evaluation / (examples x chunk), summed over the
+    devices. One chunk on its own: XLA's cost analysis counts the body of the chunk loop (a while loop) once,
+    whatever its trip count."""
+    chunk = min(self.config.eval.chunk_size, self.args.num_samples)
+    compiled = self.is_fn(mesh, chunk).lower(params, images, key).compile()
+    return cost_flops(compiled) * mesh.devices.size / (images.shape[0] * chunk)
 
   def sample_fn(self, out_sharding=None):
     """Prior sampling, jit-compiled per output sharding (batch sharded over a mesh's 'data' axis or not)."""
@@ -391,12 +401,14 @@ class ConfigBench:
            "train_cpu_ms_per_step": train_cpu_ms}
     _progress(f"{label}: {train_ips:.1f} images/s training; importance sampling {is_examples} examples x "
               f"K={args.num_samples}")
-    is_fn = self.is_fn()
+    is_fn = self.is_fn(mesh)
     is_images = jax.device_put(self.images[:is_examples], by_data)
     key = jax.random.PRNGKey(args.seed)
     is_s = median_seconds(lambda: is_fn(params, is_images, key), args.repeats)
+    is_flops = self.is_flops_per_sample(mesh, params, is_images, key)
     row.update(is_examples=is_examples, is_num_samples=args.num_samples,
-               is_samples_per_s=is_examples * args.num_samples / is_s)
+               is_samples_per_s=is_examples * args.num_samples / is_s, is_flops_per_sample=is_flops,
+               is_gflops_per_s=is_flops * is_examples * args.num_samples / is_s / 1e9)
 
     if times_sampling(self.spec) and not args.no_sampling:
       _progress(f"{label}: {row['is_samples_per_s']:.1f} IS samples/s; timing prior sampling")
@@ -450,6 +462,7 @@ def machine_record(args) -> dict:
 _COLUMNS = (("config", "config", "{:<48}"), ("batch", "batch", "{:>5}"), ("devices", "dev", "{:>3}"),
             ("train_images_per_s", "train img/s", "{:>11.1f}"),
             ("train_cpu_ms_per_step", "cpu ms/step", "{:>11.1f}"), ("is_samples_per_s", "IS smp/s", "{:>10.0f}"),
+            ("is_gflops_per_s", "IS GFLOP/s", "{:>10.2f}"),
             ("flops_per_image", "MFLOP/img", "{:>10.2f}"), ("gflops_per_s", "GFLOP/s", "{:>8.2f}"),
             ("matmul_ceiling_gflops", "ceiling", "{:>8.1f}"), ("compile_s", "compile s", "{:>9.2f}"),
             ("peak_rss_mb", "RSS MB", "{:>7.0f}"), ("ms_per_image_batched", "smp ms/img", "{:>10.3f}"),
