@@ -1,0 +1,114 @@
+"""Where the time of one update step goes: a jax.profiler trace of a few steps, its XLA op events summed by kind.
+
+  python scripts/profile_step.py [--config configs/mnist.py:diag] [--batch 64] [--steps 5] [--out runs/profile]
+                                 [--override model.block=two_conv ...]
+
+Prints op time per step by kind of op (the HLO instruction's name without its number: fusion, convolution,
+copy, ...), the heaviest single ops, and the share of the step's wall time the ops cover; writes the trace
+(open it in Perfetto) and a JSON of the summary under --out. Synthetic images, as the bench uses.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def op_kind(name: str) -> str:
+  """'ynn_fusion.12' -> 'ynn_fusion', 'loop_add_fusion.3' -> 'loop_add_fusion'; the kinds the profile sums."""
+  return re.sub(r"(\.\d+)+$", "", name)
+
+
+def summarise(events, steps: int) -> dict:
+  by_kind, by_op = collections.Counter(), collections.Counter()
+  for e in events:
+    by_kind[op_kind(e["name"])] += e["dur"]
+    by_op[e["name"]] += e["dur"]
+  total = sum(by_kind.values())
+  return {"op_ms_per_step": total / 1e3 / steps,
+          "kinds": [(k, v / 1e3 / steps, v / total) for k, v in by_kind.most_common()],
+          "top_ops": [(k, v / 1e3 / steps) for k, v in by_op.most_common(15)]}
+
+
+def xla_op_events(trace_dir: str) -> list:
+  """The complete ('X') events of XLA ops from the newest perfetto trace under trace_dir: the events on the
+  threads that run the compiled program (those named like HLO instructions), not Python or runtime frames."""
+  paths = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+                 + glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True),
+                 key=os.path.getmtime)
+  if not paths:
+    raise SystemExit(f"error: no trace written under {trace_dir}")
+  with gzip.open(paths[-1], "rt") as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  hlo = re.compile(r"^[a-z][a-z0-9_\-]*(\.\d+)+$")
+  return [e for e in events if e.get("ph") == "X" and "dur" in e and hlo.match(str(e.get("name", "")))]
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--config", default="configs/mnist.py:diag")
+  p.add_argument("--batch", type=int, default=64)
+  p.add_argument("--steps", type=int, default=5)
+  p.add_argument("--out", default="runs/profile")
+  p.add_argument("--override", action="append", default=[], help="section.field=value")
+  args = p.parse_args()
+
+  import jax
+
+  from iaf_jax import config_lib, optim, train_lib
+  from iaf_jax import data as data_lib
+  from iaf_jax.experiments import bench
+  from iaf_jax.models import build_model
+
+  config = config_lib.load_config_file(args.config)
+  with config.unlocked():
+    for key, value in map(bench.parse_override, args.override):
+      section, field = key.split(".")
+      config[section][field] = value
+  shape = bench.NATURAL_SHAPES[config.data.name]
+  max_value = data_lib.MAX_VALUE.get(config.data.name, 255)
+  model = build_model(config.model, shape)
+  tc = config.train
+  optimizer = optim.make_optimizer(tc)
+  images = bench.synthetic_images(0, args.batch, shape, max_value)
+  state = train_lib.init_state(model, optimizer, images, 0, likelihood=config.model.likelihood, max_value=max_value)
+  step = jax.jit(train_lib.make_train_step(model, optimizer, likelihood=config.model.likelihood, max_value=max_value,
+                                           free_bits=tc.free_bits, ema_decay=tc.ema_decay,
+                                           fused_adamax=optim.fused_adamax(tc)), donate_argnums=0)
+  batch = jax.device_put(images)
+  for _ in range(3):  # compile and warm up
+    state, m = step(state, batch)
+  jax.block_until_ready(m)
+  os.makedirs(args.out, exist_ok=True)
+  jax.profiler.start_trace(args.out, create_perfetto_trace=True)
+  t0 = time.perf_counter()
+  for _ in range(args.steps):
+    state, m = step(state, batch)
+  jax.block_until_ready(m)
+  wall_ms = 1e3 * (time.perf_counter() - t0) / args.steps
+  jax.profiler.stop_trace()
+  s = summarise(xla_op_events(args.out), args.steps)
+  s.update(config=args.config, overrides=args.override, batch=args.batch, steps=args.steps,
+           wall_ms_per_step=wall_ms, jax=jax.__version__)
+  print(f"{args.config} {' '.join(args.override)} batch {args.batch}: {wall_ms:.1f} ms/step wall, "
+        f"{s['op_ms_per_step']:.1f} ms/step of XLA ops (summed over threads)")
+  for kind, ms, share in s["kinds"][:12]:
+    print(f"  {kind:<40} {ms:8.2f} ms  {100 * share:5.1f}%")
+  print("heaviest ops:")
+  for op, ms in s["top_ops"][:10]:
+    print(f"  {op:<40} {ms:8.2f} ms")
+  with open(os.path.join(args.out, "summary.json"), "w") as f:
+    json.dump(s, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
