@@ -70,20 +70,16 @@ def main():
   from iaf_jax.models import build_model
 
   config = config_lib.load_config_file(args.config)
-  with config.unlocked():
-    for key, value in map(bench.parse_override, args.override):
-      section, field = key.split(".")
-      config[section][field] = value
+  for key, value in map(bench.parse_override, args.override):
+    if not bench.set_field(config, key, value):
+      raise SystemExit(f"error: --override {key}: {args.config} has no such field")
   shape = bench.NATURAL_SHAPES[config.data.name]
   max_value = data_lib.MAX_VALUE.get(config.data.name, 255)
   model = build_model(config.model, shape)
-  tc = config.train
-  optimizer = optim.make_optimizer(tc)
+  optimizer = optim.make_optimizer(config.train)
   images = bench.synthetic_images(0, args.batch, shape, max_value)
   state = train_lib.init_state(model, optimizer, images, 0, likelihood=config.model.likelihood, max_value=max_value)
-  step = jax.jit(train_lib.make_train_step(model, optimizer, likelihood=config.model.likelihood, max_value=max_value,
-                                           free_bits=tc.free_bits, ema_decay=tc.ema_decay,
-                                           fused_adamax=optim.fused_adamax(tc)), donate_argnums=0)
+  step = bench.update_step(model, optimizer, config, max_value)
   batch = jax.device_put(images)
   for _ in range(3):  # compile and warm up
     state, m = step(state, batch)
