@@ -56,16 +56,24 @@ def sample_moments(a: jax.Array, num_samples: int) -> tuple[jax.Array, jax.Array
   return jnp.mean(a, 0), jnp.var(a, 0, ddof=1)
 
 
+def repeat_examples(a: jax.Array, num_samples: int) -> jax.Array:
+  """[B, ...] -> [B * num_samples, ...]: each example num_samples times in a row, example-major (row
+  b * num_samples + j is a[b]), the layout importance_weighted_loss reads back. Training uses it, not
+  tile_samples: a batch sharded over devices stays split by example, so each device computes only its own
+  examples' samples (with tile_samples' sample-major rows the partitioner gave every device all of them)."""
+  return jnp.repeat(a, num_samples, axis=0, total_repeat_length=a.shape[0] * num_samples)
+
+
 def importance_weighted_loss(terms: Mapping[str, jax.Array], num_samples: int) -> tuple[jax.Array, dict]:
   """Burda et al.'s k-sample importance-weighted bound as a loss (openai/iaf's hyperparameter `k`).
 
-  `terms` are a model's per-example terms over a batch of num_samples * B rows: sample-major, num_samples
-  copies of the same B examples. loss = -mean_b log (1/k) sum_k w_kb with log w = log p(x|z) + log p(z) -
-  log q(z|x); k = 1 is exactly the negative ELBO. The metrics keep vae_loss's names, averaged over all rows
-  (neg_elbo: the single-sample bound), plus 'neg_iw_bound'.
+  `terms` are a model's per-example terms over a batch of B * num_samples rows in repeat_examples' layout
+  (example-major: rows b * k ... b * k + k - 1 are example b's k samples). loss = -mean_b log (1/k) sum_k w_kb
+  with log w = log p(x|z) + log p(z) - log q(z|x); k = 1 is exactly the negative ELBO. The metrics keep
+  vae_loss's names, averaged over all rows (neg_elbo: the single-sample bound), plus 'neg_iw_bound'.
   """
-  log_w = elbo(terms["log_px_given_z"], terms["log_pz"], terms["log_qz"]).reshape(num_samples, -1)
-  loss = -jnp.mean(log_mean_exp(log_w, axis=0))
+  log_w = elbo(terms["log_px_given_z"], terms["log_pz"], terms["log_qz"]).reshape(-1, num_samples)
+  loss = -jnp.mean(log_mean_exp(log_w, axis=1))
   recon = -jnp.mean(terms["log_px_given_z"])
   kl = jnp.mean(terms["log_qz"] - terms["log_pz"])
   return loss, {"loss": loss, "neg_elbo": recon + kl, "recon": recon, "kl": kl, "neg_iw_bound": loss}

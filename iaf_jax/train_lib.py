@@ -46,12 +46,15 @@ class TrainState:
 def make_train_step(model, optimizer: optax.GradientTransformation, *, likelihood: str, max_value: int,
                     free_bits: float, ema_decay: float,
                     fused_adamax: Optional[tuple[float, float, float]] = None,
-                    num_importance_samples: int = 1) -> Callable:
+                    num_importance_samples: int = 1, batch_sharding=None) -> Callable:
   """(state, uint8 images) -> (state, metrics): one pure update. A step whose loss or gradients are not
   finite changes nothing but the step and skip counters. `fused_adamax` (`optim.fused_adamax(train_cfg)`, for a
   plain Adamax optimizer) computes the same update without XLA's per-step copies of the state.
   `num_importance_samples` k > 1 trains on the k-sample importance-weighted bound (objectives.
-  importance_weighted_loss): the model's terms on k copies of the batch, k independent posterior samples each."""
+  importance_weighted_loss): the model's terms on k copies of the batch, k independent posterior samples each.
+  On a mesh, `batch_sharding` (sharding.batch_sharded) keeps those k copies split by example: without it the
+  partitioner gave every device the whole k-times batch (XLA's flops of the 2-device step = the 1-device step's;
+  tests/test_distributed.py)."""
   k = int(num_importance_samples)
 
   def train_step(state: TrainState, images: jax.Array):
@@ -62,7 +65,9 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, likelihoo
     def loss_fn(params):
       if k == 1:
         return objectives.vae_loss(model.apply({"params": params}, x, k_z), free_bits)
-      xk = objectives.tile_samples(x, k)
+      xk = objectives.repeat_examples(x, k)
+      if batch_sharding is not None:
+        xk = jax.lax.with_sharding_constraint(xk, batch_sharding)
       return objectives.importance_weighted_loss(model.apply({"params": params}, xk, k_z), k)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -80,6 +85,20 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, likelihoo
     return new_state, metrics
 
   return train_step
+
+
+def make_update_step(model, optimizer: optax.GradientTransformation, config, max_value: int,
+                     mesh=None) -> Callable:
+  """make_train_step for config.train's settings, jitted with the state donated: the one construction of the
+  update step, for the training loop, the bench and the profiler. `mesh`: the 'data' mesh the batch is sharded
+  over (None: one device)."""
+  tc = config.train
+  by_data = sharding.batch_sharded(mesh) if mesh is not None and mesh.devices.size > 1 else None
+  return jax.jit(make_train_step(model, optimizer, likelihood=config.model.likelihood, max_value=max_value,
+                                 free_bits=tc.free_bits, ema_decay=tc.ema_decay,
+                                 fused_adamax=optim.fused_adamax(tc),
+                                 num_importance_samples=tc.get("num_importance_samples", 1),
+                                 batch_sharding=by_data), donate_argnums=0)
 
 
 def make_eval_elbo(model, *, likelihood: str, max_value: int) -> Callable:
@@ -221,9 +240,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     lr = optim.scheduled_learning_rate(tc.lr_schedule, policy.lr_base, progress, tc.min_learning_rate)
     return st.replace(opt_state=optim.with_learning_rate(st.opt_state, sharding.replicate(np.float32(lr), mesh)))
 
-  train_step = jax.jit(make_train_step(model, optimizer, likelihood=lik, max_value=maxv, free_bits=tc.free_bits,
-                                       ema_decay=tc.ema_decay, fused_adamax=optim.fused_adamax(tc),
-                                       num_importance_samples=tc.num_importance_samples), donate_argnums=0)
+  train_step = make_update_step(model, optimizer, config, maxv, mesh)
   eval_fn = jax.jit(make_eval_elbo(model, likelihood=lik, max_value=maxv))
   valid = ds.valid[:config.eval.valid_examples]
   metrics_path = workdir_lib.metrics_path(workdir)

@@ -79,7 +79,7 @@ def main():
   optimizer = optim.make_optimizer(config.train)
   images = bench.synthetic_images(0, args.batch, shape, max_value)
   state = train_lib.init_state(model, optimizer, images, 0, likelihood=config.model.likelihood, max_value=max_value)
-  step = bench.update_step(model, optimizer, config, max_value)
+  step = train_lib.make_update_step(model, optimizer, config, max_value)
   batch = jax.device_put(images)
   for _ in range(3):  # compile and warm up
     state, m = step(state, batch)

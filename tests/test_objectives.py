@@ -269,15 +269,15 @@ def test_bits_nats_round_trip():
 
 
 def _iw_terms(key, k):
-  """The linear-Gaussian model's per-row terms for k samples of each of the B examples, sample-major
-  (the layout train_lib's k copies of a batch give)."""
+  """The linear-Gaussian model's per-row terms for k samples of each of the B examples, example-major
+  (objectives.repeat_examples' layout, which train_lib's k copies of a batch have)."""
   eps = jax.random.normal(key, (k, *Q_MEAN.shape))
   q_mean, q_std = jnp.asarray(Q_MEAN, jnp.float32), jnp.asarray(Q_STD, jnp.float32)
   z = q_mean + q_std * eps
   x = jnp.asarray(X, jnp.float32)
   t = {"log_px_given_z": _normal_logpdf(x, z @ jnp.asarray(W.T, jnp.float32) + jnp.asarray(BIAS, jnp.float32), NOISE),
        "log_pz": _normal_logpdf(z, 0.0, 1.0), "log_qz": _normal_logpdf(z, q_mean, q_std)}
-  return {n: v.reshape(-1) for n, v in t.items()}
+  return {n: v.swapaxes(0, 1).reshape(-1) for n, v in t.items()}   # [k, B] -> rows b * k + j
 
 
 def test_k1_importance_weighted_loss_is_exactly_the_elbo_loss():
@@ -322,4 +322,4 @@ def test_importance_weighted_loss_gradients_are_finite_for_large_k():
   g = jax.grad(loss)(log_px)
   assert bool(jnp.all(jnp.isfinite(g)))
   # d(-mean_b logmeanexp)/d log w sums to -1 per example: -1/B over each example's k weights
-  np.testing.assert_allclose(np.asarray(g).reshape(k, b).sum(axis=0), -1.0 / b, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(g).reshape(b, k).sum(axis=1), -1.0 / b, rtol=1e-5)

@@ -252,18 +252,6 @@ def matmul_ceiling_gflops(n: int, repeats: int) -> float:
   return 2.0 * n ** 3 / seconds / 1e9
 
 
-def update_step(model, optimizer, config, max_value: int):
-  """The update step as train_lib.train_and_evaluate compiles it (donated state), for config.train's settings."""
-  import jax
-
-  from iaf_jax import optim, train_lib
-
-  tc = config.train
-  return jax.jit(train_lib.make_train_step(model, optimizer, likelihood=config.model.likelihood, max_value=max_value,
-                                           free_bits=tc.free_bits, ema_decay=tc.ema_decay,
-                                           fused_adamax=optim.fused_adamax(tc)), donate_argnums=0)
-
-
 def cost_flops(compiled) -> float:
   """'flops' of XLA's cost analysis of a compiled computation: a dict, or on some jax versions a list with one
   dict per program (an SPMD computation is one program, the one every device runs)."""
@@ -360,7 +348,7 @@ class ConfigBench:
     """All measurements of one (config, batch, devices)."""
     import jax
 
-    from iaf_jax import sharding
+    from iaf_jax import sharding, train_lib
     from iaf_jax.eval_lib import median_seconds  # one home for the timing rule
 
     args, config = self.args, self.config
@@ -377,7 +365,7 @@ class ConfigBench:
     state = jax.device_put(jax.tree_util.tree_map(lambda x: x.copy(), self.state), replicated)
     params = jax.device_put(self.state.ema_params, replicated)   # what evaluation and sampling use
     train_batch = jax.device_put(self.images[:batch], by_data)
-    step_fn = update_step(self.model, self.optimizer, config, self.max_value)
+    step_fn = train_lib.make_update_step(self.model, self.optimizer, config, self.max_value, mesh)
     _progress(f"{label}: compiling the update step ({self.num_params:,} parameters)")
     t = time.perf_counter()
     compiled = step_fn.lower(state, train_batch).compile()
