@@ -103,6 +103,7 @@ def evaluate(workdir: str, *, num_samples: int = 128, split: str = "test", check
     raise data_lib.DataError(f"{ds.name}: images are {ds.image_shape}, the checkpoint's model expects {run.image_shape}")
   images = _split_images(ds, split)
   split_size = len(images)
+  subset = max_examples if 0 < max_examples < split_size else 0
   if max_examples:
     # A fixed random subset (data.fixed_subset, seed 0), the same for every run: binarized MNIST's test split
     # is grouped by digit, so its first N images are not a sample of it.
@@ -138,7 +139,7 @@ def evaluate(workdir: str, *, num_samples: int = 128, split: str = "test", check
       "checkpoint_step": run.step, "num_examples": int(len(images)), "num_samples": num_samples,
       # A partial evaluation (--max_examples) says so: the split's size and the cap asked for.
       "split_size": int(split_size), "max_examples": int(max_examples),
-      "subset": "data.fixed_subset(seed=0)" if max_examples and max_examples < split_size else "all",
+      "subset": "data.fixed_subset(seed=0)" if subset else "all",
       "neg_elbo_nats": neg_elbo, "nll_nats": nll, "gap_nats": neg_elbo - nll,
       "bits_per_dim_elbo": objectives.nats_to_bits_per_dim(neg_elbo, d),
       "bits_per_dim_nll": objectives.nats_to_bits_per_dim(nll, d),
@@ -152,7 +153,7 @@ def evaluate(workdir: str, *, num_samples: int = 128, split: str = "test", check
         run.model, run.params, data_lib.fixed_subset(images, diagnostics_examples), likelihood=c.model.likelihood,
         max_value=run.max_value, num_samples=diagnostics_samples, seed=seed))
     result["diagnostics_seconds"] = time.time() - t1
-  config_lib.write_json_atomic(workdir_lib.eval_path(workdir, split, checkpoint, num_samples), result)
+  config_lib.write_json_atomic(workdir_lib.eval_path(workdir, split, checkpoint, num_samples, subset), result)
   print(format_row(result))
   return result
 

@@ -16,24 +16,26 @@ RECONSTRUCTIONS_PNG = "reconstructions.png"
 CHECKPOINTS_DIR = "checkpoints"    # the latest train.keep_checkpoints steps
 BEST_DIR = "best"                  # the step with the best validation -ELBO
 
-_EVAL_FILE = re.compile(r"^eval_(?P<split>[^_]+)_(?P<checkpoint>.+)_K(?P<k>\d+)\.json$")
+_EVAL_FILE = re.compile(r"^eval_(?P<split>[^_]+)_(?P<checkpoint>.+?)_K(?P<k>\d+)(?:_n(?P<n>\d+))?\.json$")
 
 
 class EvalName(NamedTuple):
   split: str
   checkpoint: str   # 'best', 'latest' or a step number
   num_samples: int  # K
+  subset: int = 0   # N of a fixed random subset of N examples (evaluate.py --max_examples); 0 = the whole split
 
 
-def eval_file(split: str, checkpoint: str, num_samples: int) -> str:
-  """The name of evaluate.py's result for one split, checkpoint and K."""
-  return f"eval_{split}_{checkpoint}_K{num_samples}.json"
+def eval_file(split: str, checkpoint: str, num_samples: int, subset: int = 0) -> str:
+  """The name of evaluate.py's result for one split, checkpoint and K, and `subset` N for an evaluation of
+  data.fixed_subset's N examples (0: the whole split): a partial evaluation never replaces a full one."""
+  return f"eval_{split}_{checkpoint}_K{num_samples}" + (f"_n{subset}" if subset else "") + ".json"
 
 
 def parse_eval_file(name: str) -> Optional[EvalName]:
   """eval_file's arguments back from a file name, or None for another file."""
   m = _EVAL_FILE.match(name)
-  return EvalName(m["split"], m["checkpoint"], int(m["k"])) if m else None
+  return EvalName(m["split"], m["checkpoint"], int(m["k"]), int(m["n"] or 0)) if m else None
 
 
 def path(workdir: str, name: str) -> str:
@@ -44,8 +46,8 @@ def metrics_path(workdir: str) -> str:
   return path(workdir, METRICS_FILE)
 
 
-def eval_path(workdir: str, split: str, checkpoint: str, num_samples: int) -> str:
-  return path(workdir, eval_file(split, checkpoint, num_samples))
+def eval_path(workdir: str, split: str, checkpoint: str, num_samples: int, subset: int = 0) -> str:
+  return path(workdir, eval_file(split, checkpoint, num_samples, subset))
 
 
 def is_workdir(directory: str) -> bool:

@@ -35,7 +35,7 @@ def test_same_loss_on_one_and_two_devices_then_evaluate_and_sample(tmp_path):
                env=TWO_DEVICES)
   assert ev.returncode == 0, ev.stderr[-2000:]
   assert "VLB" in ev.stdout and "bits/dim" in ev.stdout
-  result = json.load(open(os.path.join(two, "eval_test_best_K8.json")))
+  result = json.load(open(os.path.join(two, "eval_test_best_K8_n30.json")))
   assert result["devices"] == 2 and result["num_examples"] == 30 and result["gap_nats"] >= 0
 
   sm = run_cli("evaluate.py", f"--workdir={two}", "--mode=sample", "--num=16", env=TWO_DEVICES)

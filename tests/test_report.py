@@ -50,7 +50,7 @@ def swept(tmp_path_factory):
 
 
 def _eval(root):
-  with open(os.path.join(root, "diag", "eval_test_best_K4.json")) as f:
+  with open(os.path.join(root, "diag", "eval_test_best_K4_n40.json")) as f:
     return json.load(f)
 
 
@@ -78,7 +78,7 @@ def test_sweep_runs_every_row_and_reports_the_failing_one(swept):
 def test_sweep_rerun_skips_the_finished_row(swept, capsys):
   root, _ = swept
   metrics = os.path.join(root, "diag", "metrics.jsonl")
-  eval_file = os.path.join(root, "diag", "eval_test_best_K4.json")
+  eval_file = os.path.join(root, "diag", "eval_test_best_K4_n40.json")
   before = (open(metrics).read(), os.stat(eval_file).st_mtime_ns)
   assert sweep.main([*SWEEP_FLAGS, "--rows=diag", f"--root={root}", "--", *tiny_flags()]) == 0
   out = capsys.readouterr().out
@@ -156,7 +156,7 @@ def test_report_table_holds_the_evaluated_numbers(swept, tmp_path, capsys):
   # the report's sign convention: positive -ELBO and -log p(x), gap = VLB - log p(x) >= 0
   assert vlb > 0 and log_px > 0 and gap >= 0 and abs(vlb - log_px - gap) <= 0.011
   assert cells[0] == "Diagonal covariance" and cells[5:10] == ["4", "40", "digits", "best (2)", "2"]
-  assert cells[-1] == "`eval_test_best_K4.json`" and cells[-4:-2] == ["-", "-"] and cells[-2] == f"`{root}/diag`"  # digits: nothing quoted
+  assert cells[-1] == "`eval_test_best_K4_n40.json`" and cells[-4:-2] == ["-", "-"] and cells[-2] == f"`{root}/diag`"  # digits: nothing quoted
   assert "wrote" in capsys.readouterr().err
 
   csv_text, rows, _ = report.build_report([os.path.join(root, "diag")], fmt="csv")
@@ -171,9 +171,9 @@ def test_report_table_holds_the_evaluated_numbers(swept, tmp_path, capsys):
 
 def _copy_run(src, dst, config_edit=None, eval_edit=None):
   os.makedirs(dst)
-  for name in ("config.json", "metrics.jsonl", "eval_test_best_K4.json"):
+  for name in ("config.json", "metrics.jsonl", "eval_test_best_K4_n40.json"):
     shutil.copy(os.path.join(src, name), dst)
-  for name, edit in (("config.json", config_edit), ("eval_test_best_K4.json", eval_edit)):
+  for name, edit in (("config.json", config_edit), ("eval_test_best_K4_n40.json", eval_edit)):
     if edit:
       path = os.path.join(dst, name)
       obj = json.load(open(path))
@@ -234,7 +234,7 @@ def test_report_groups_units_and_quotes_only_the_reports_setting(swept, tmp_path
 def test_report_rejects_a_bad_or_missing_eval_in_one_line(swept, tmp_path, capsys, damage, message):
   root, _ = swept
   w = _copy_run(os.path.join(root, "diag"), str(tmp_path / "w"))
-  path = os.path.join(w, "eval_test_best_K4.json")
+  path = os.path.join(w, "eval_test_best_K4_n40.json")
   good = open(path).read()
   if damage == "truncated":
     open(path, "w").write(good[:len(good) // 2])

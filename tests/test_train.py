@@ -9,6 +9,7 @@ import pytest
 
 from helpers import tiny_config
 from iaf_jax import api, checkpoints, config_lib, eval_lib, optim, train_lib
+from iaf_jax import workdir as workdir_lib
 from iaf_jax.models import build_model
 
 
@@ -97,10 +98,21 @@ def test_evaluate_is_bound_and_json(trained):
   # log p(x) >= ELBO per example in expectation: the IS estimate of the mean NLL is below the mean -ELBO.
   assert r["nll_nats"] <= r["neg_elbo_nats"] and r["gap_nats"] >= 0
   assert r["bits_per_dim_nll"] == pytest.approx(r["nll_nats"] / (64 * np.log(2)))
-  saved = json.load(open(os.path.join(workdir, "eval_test_latest_K16.json")))
+  saved = json.load(open(os.path.join(workdir, "eval_test_latest_K16_n40.json")))
   for key in ("neg_elbo_nats", "nll_nats", "gap_nats", "bits_per_dim_elbo", "bits_per_dim_nll", "num_examples",
               "num_samples", "checkpoint_step"):
     assert saved[key] == r[key]
+  # The whole split with the same K gets its own file: a partial evaluation never replaces a full one (nor the
+  # reverse), and the report prefers the full one.
+  full = eval_lib.evaluate(workdir, num_samples=16, split="test", checkpoint="latest", progress=False)
+  assert full["num_examples"] == full["split_size"] > 40 and full["subset"] == "all"
+  assert json.load(open(os.path.join(workdir, "eval_test_latest_K16_n40.json"))) == saved
+  assert json.load(open(os.path.join(workdir, "eval_test_latest_K16.json")))["num_examples"] == full["split_size"]
+  from iaf_jax.experiments import report
+  same_k = [p for p, ckpt, k in report.find_eval_files(workdir, "test") if (ckpt, k) == ("latest", 16)]
+  assert same_k == [os.path.join(workdir, n) for n in ("eval_test_latest_K16.json", "eval_test_latest_K16_n40.json")]
+  assert workdir_lib.parse_eval_file("eval_test_best_K128_n1000.json") == ("test", "best", 128, 1000)
+  assert workdir_lib.parse_eval_file("eval_test_4000_K128.json") == ("test", "4000", 128, 0)
 
 
 def test_evaluate_is_estimate_grows_with_k(trained):

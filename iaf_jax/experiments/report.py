@@ -128,7 +128,8 @@ def _read_json(path: str, what: str):
 
 def find_eval_files(workdir: str, split: str) -> list[tuple[str, str, int]]:
   """(path, checkpoint, K) of every eval_{split}_*_K*.json in workdir, the preferred one first: largest K,
-  then checkpoint 'best', 'latest', then the highest step."""
+  then the whole split before a subset (eval_*_K*_nN.json), then checkpoint 'best', 'latest', then the
+  highest step."""
   found = []
   try:
     names = os.listdir(workdir)
@@ -137,15 +138,15 @@ def find_eval_files(workdir: str, split: str) -> list[tuple[str, str, int]]:
   for name in names:
     e = workdir_lib.parse_eval_file(name)
     if e and e.split == split:
-      found.append((os.path.join(workdir, name), e.checkpoint, e.num_samples))
+      found.append((os.path.join(workdir, name), e.checkpoint, e.num_samples, e.subset))
 
   def rank(item):
-    _, ckpt, k = item
+    _, ckpt, k, subset = item
     order = {"best": 2, "latest": 1}.get(ckpt, 0)
     step = int(ckpt) if ckpt.isdigit() else -1
-    return (k, order, step)
+    return (k, subset == 0, order, step)
 
-  return sorted(found, key=rank, reverse=True)
+  return [item[:3] for item in sorted(found, key=rank, reverse=True)]
 
 
 def load_eval(path: str, split: str, k: Optional[int] = None) -> dict:
