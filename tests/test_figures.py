@@ -118,7 +118,7 @@ def test_command_line_and_its_errors(mnist_2d, resnet, tmp_path, capsys):
 
 def test_evaluate_writes_the_diagnostics(mnist_2d, resnet):
   r = eval_lib.evaluate(mnist_2d, num_samples=2, max_examples=24, checkpoint="latest", progress=False)
-  saved = json.load(open(os.path.join(mnist_2d, "eval_test_latest_K2.json")))
+  saved = json.load(open(os.path.join(mnist_2d, "eval_test_latest_K2_n24.json")))
   for key in ("kl_per_dim", "unit_activity", "active_units", "num_latent_units", "kl_total",
               "active_units_threshold", "diagnostics_num_examples"):
     assert saved[key] == r[key]
