@@ -236,10 +236,10 @@ def sweep(*, config_path: str, rows: list[str], root: str, extra: list[str], per
         continue
       if evaluate:
         k = int(config.eval.num_samples)
-        # A subset's evaluation is named by its N unless N covers the whole split (then by the split alone).
-        path = next((p for p in (workdir_lib.eval_path(workdir, split, "best", k, max_examples),
-                                 workdir_lib.eval_path(workdir, split, "best", k)) if os.path.exists(p)),
-                    workdir_lib.eval_path(workdir, split, "best", k, max_examples))
+        # A subset's evaluation is named by its N, unless N covers the whole split: then by the split alone.
+        path, whole = (workdir_lib.eval_path(workdir, split, "best", k, n) for n in (max_examples, 0))
+        if not os.path.exists(path) and os.path.exists(whole):
+          path = whole
         if end is not None and os.path.exists(path) and eval_covers(path, split, max_examples):
           print(f"{prefix}: {os.path.basename(path)} exists; not re-evaluating", flush=True)
           evaluated = f", {os.path.basename(path)} kept"
