@@ -1,7 +1,11 @@
 """Where the time of one update step goes: a jax.profiler trace of a few steps, its XLA op events summed by kind.
 
   python scripts/profile_step.py [--config configs/mnist.py:diag] [--batch 64] [--steps 5] [--out runs/profile]
-                                 [--override model.block=two_conv ...]
+                                 [--override model.block=two_conv ...] [--eval K]
+
+With --eval K it profiles the importance-sampling evaluation instead (evaluate.py's compiled function, one device,
+K samples per example in passes of eval.chunk_size, on --batch examples) and writes its optimised HLO
+(hlo.txt) beside the trace, so that a heavy op's name can be found in it.
 
 Prints op time per step by kind of op (the HLO instruction's name without its number: fusion, convolution,
 copy, ...), the heaviest single ops, and the share of the step's wall time the ops cover; writes the trace
@@ -60,11 +64,13 @@ def main():
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--out", default="runs/profile")
   p.add_argument("--override", action="append", default=[], help="section.field=value")
+  p.add_argument("--eval", type=int, default=0, metavar="K",
+                 help="profile the K-sample importance-sampling evaluation instead of the update step")
   args = p.parse_args()
 
   import jax
 
-  from iaf_jax import config_lib, optim, train_lib
+  from iaf_jax import config_lib, eval_lib, optim, train_lib
   from iaf_jax import data as data_lib
   from iaf_jax.experiments import bench
   from iaf_jax.models import build_model
@@ -79,8 +85,18 @@ def main():
   optimizer = optim.make_optimizer(config.train)
   images = bench.synthetic_images(0, args.batch, shape, max_value)
   state = train_lib.init_state(model, optimizer, images, 0, likelihood=config.model.likelihood, max_value=max_value)
-  step = train_lib.make_update_step(model, optimizer, config, max_value)
   batch = jax.device_put(images)
+  if args.eval:
+    evaluate = jax.jit(eval_lib.make_importance_eval(
+        model, likelihood=config.model.likelihood, max_value=max_value, num_samples=args.eval,
+        chunk_size=config.eval.chunk_size))
+    params, key = state.params, jax.random.PRNGKey(0)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "hlo.txt"), "w") as f:
+      f.write(evaluate.lower(params, batch, key).compile().as_text())
+    step = lambda st, b: (st, evaluate(params, b, key))  # the same (state, metrics) shape as the update step
+  else:
+    step = train_lib.make_update_step(model, optimizer, config, max_value)
   for _ in range(3):  # compile and warm up
     state, m = step(state, batch)
   jax.block_until_ready(m)
@@ -94,8 +110,9 @@ def main():
   jax.profiler.stop_trace()
   s = summarise(xla_op_events(args.out), args.steps)
   s.update(config=args.config, overrides=args.override, batch=args.batch, steps=args.steps,
-           wall_ms_per_step=wall_ms, jax=jax.__version__)
-  print(f"{args.config} {' '.join(args.override)} batch {args.batch}: {wall_ms:.1f} ms/step wall, "
+           wall_ms_per_step=wall_ms, jax=jax.__version__, eval_num_samples=args.eval)
+  what = f"importance sampling K={args.eval}" if args.eval else "update step"
+  print(f"{args.config} {' '.join(args.override)} batch {args.batch}, {what}: {wall_ms:.1f} ms/step wall, "
         f"{s['op_ms_per_step']:.1f} ms/step of XLA ops (summed over threads)")
   for kind, ms, share in s["kinds"][:12]:
     print(f"  {kind:<40} {ms:8.2f} ms  {100 * share:5.1f}%")

@@ -246,19 +246,24 @@ def numpy_conv_transpose_same(x, w, s):
 
 @pytest.mark.parametrize("kernel,stride", [((3, 3), 2), ((5, 5), 2), ((4, 3), 2), ((3, 3), 1), ((2, 2), 3), ((1, 1), 2)])
 def test_conv2d_transpose_is_the_dilated_convolution(kernel, stride):
-  """The sub-pixel form computes the transposed convolution's definition, values and input/kernel gradients
-  (those of lax.conv_transpose)."""
+  """The sub-pixel form computes the transposed convolution's definition: its values both forward only (the
+  convolution form) and under differentiation (the matmul form), and its input/kernel gradients and
+  forward-mode derivatives (those of lax.conv_transpose)."""
   from iaf_jax.layers import conv2d_transpose
 
   rng = np.random.default_rng(1)
   x = rng.normal(size=(2, 5, 4, 3)).astype(np.float32)
   w = rng.normal(size=(*kernel, 3, 4)).astype(np.float32)
-  got = conv2d_transpose(x, w, (stride, stride))
-  np.testing.assert_allclose(got, numpy_conv_transpose_same(x.astype(np.float64), w.astype(np.float64), stride),
-                             rtol=1e-5, atol=1e-5)
+  ours_t = lambda a, k: conv2d_transpose(a, k, (stride, stride))
   lax_t = lambda a, k: jax.lax.conv_transpose(a, k, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  cot = rng.normal(size=got.shape).astype(np.float32)
-  ours = jax.grad(lambda a, k: jnp.sum(conv2d_transpose(a, k, (stride, stride)) * cot), argnums=(0, 1))(x, w)
+  want = numpy_conv_transpose_same(x.astype(np.float64), w.astype(np.float64), stride)
+  dx, dw = rng.normal(size=x.shape).astype(np.float32), rng.normal(size=w.shape).astype(np.float32)
+  got_jvp, tangent = jax.jvp(ours_t, (x, w), (dx, dw))
+  for got in (ours_t(x, w), jax.jit(ours_t)(x, w), got_jvp):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(tangent, jax.jvp(lax_t, (x, w), (dx, dw))[1], rtol=1e-4, atol=1e-4)
+  cot = rng.normal(size=want.shape).astype(np.float32)
+  ours = jax.grad(lambda a, k: jnp.sum(ours_t(a, k) * cot), argnums=(0, 1))(x, w)
   ref = jax.grad(lambda a, k: jnp.sum(lax_t(a, k) * cot), argnums=(0, 1))(x, w)
   for a, b in zip(ours, ref):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
