@@ -1,0 +1,30 @@
+"""The measurement scripts' own logic (scripts/ is not a package: loaded by path)."""
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_update_bandwidth_reads_the_entry_computation_of_compiled_hlo():
+  """entry_instructions finds the ENTRY's fusion of a known program, its full-size output shape, and its
+  operands by name back to the parameters (what the bytes-moved count is built from)."""
+  ub = _load("update_bandwidth")
+  f = jax.jit(lambda a, b: jnp.where(a > 0, a * b + 1.0, b), donate_argnums=0)
+  a, b = jnp.ones((300, 200)), jnp.ones((300, 200))
+  instrs = ub.entry_instructions(f.lower(a, b).compile().as_text())
+  params = {n for n, (_, _, op, _) in instrs.items() if op == "parameter"}
+  assert len(params) == 2 and all(instrs[n][1] == (300, 200) for n in params)
+  fusions = [v for v in instrs.values() if v[2] == "fusion"]
+  assert len(fusions) == 1
+  dtype, shape, _, operands = fusions[0]
+  assert (dtype, shape) == ("f32", (300, 200)) and set(operands) == params
