@@ -57,6 +57,48 @@ def xla_op_events(trace_dir: str) -> list:
   return [e for e in events if e.get("ph") == "X" and "dur" in e and hlo.match(str(e.get("name", "")))]
 
 
+def setup(config_path: str, overrides, batch: int):
+  """(config, model, optimizer, state, images on the device, max_value) for a config file's model on `batch`
+  synthetic images, as the bench makes them: what this script and scripts/update_bandwidth.py profile."""
+  import jax
+
+  from iaf_jax import config_lib, optim, train_lib
+  from iaf_jax import data as data_lib
+  from iaf_jax.experiments import bench
+  from iaf_jax.models import build_model
+
+  config = config_lib.load_config_file(config_path)
+  for key, value in map(bench.parse_override, overrides):
+    if not bench.set_field(config, key, value):
+      raise SystemExit(f"error: --override {key}: {config_path} has no such field")
+  shape = bench.NATURAL_SHAPES[config.data.name]
+  max_value = data_lib.MAX_VALUE.get(config.data.name, 255)
+  model = build_model(config.model, shape)
+  optimizer = optim.make_optimizer(config.train)
+  images = bench.synthetic_images(0, batch, shape, max_value)
+  state = train_lib.init_state(model, optimizer, images, 0, likelihood=config.model.likelihood, max_value=max_value)
+  return config, model, optimizer, state, jax.device_put(images), max_value
+
+
+def trace_steps(step, state, batch, steps: int, out: str):
+  """Warm `step` up, then trace `steps` calls under jax.profiler into `out`: (state, wall ms per call, the
+  trace's XLA op events)."""
+  import jax
+
+  for _ in range(3):  # compile and warm up
+    state, m = step(state, batch)
+  jax.block_until_ready(m)
+  os.makedirs(out, exist_ok=True)
+  jax.profiler.start_trace(out, create_perfetto_trace=True)
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    state, m = step(state, batch)
+  jax.block_until_ready(m)
+  wall_ms = 1e3 * (time.perf_counter() - t0) / steps
+  jax.profiler.stop_trace()
+  return state, wall_ms, xla_op_events(out)
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--config", default="configs/mnist.py:diag")
@@ -70,22 +112,9 @@ def main():
 
   import jax
 
-  from iaf_jax import config_lib, eval_lib, optim, train_lib
-  from iaf_jax import data as data_lib
-  from iaf_jax.experiments import bench
-  from iaf_jax.models import build_model
+  from iaf_jax import eval_lib, train_lib
 
-  config = config_lib.load_config_file(args.config)
-  for key, value in map(bench.parse_override, args.override):
-    if not bench.set_field(config, key, value):
-      raise SystemExit(f"error: --override {key}: {args.config} has no such field")
-  shape = bench.NATURAL_SHAPES[config.data.name]
-  max_value = data_lib.MAX_VALUE.get(config.data.name, 255)
-  model = build_model(config.model, shape)
-  optimizer = optim.make_optimizer(config.train)
-  images = bench.synthetic_images(0, args.batch, shape, max_value)
-  state = train_lib.init_state(model, optimizer, images, 0, likelihood=config.model.likelihood, max_value=max_value)
-  batch = jax.device_put(images)
+  config, model, optimizer, state, batch, max_value = setup(args.config, args.override, args.batch)
   if args.eval:
     evaluate = jax.jit(eval_lib.make_importance_eval(
         model, likelihood=config.model.likelihood, max_value=max_value, num_samples=args.eval,
@@ -97,18 +126,8 @@ def main():
     step = lambda st, b: (st, evaluate(params, b, key))  # the same (state, metrics) shape as the update step
   else:
     step = train_lib.make_update_step(model, optimizer, config, max_value)
-  for _ in range(3):  # compile and warm up
-    state, m = step(state, batch)
-  jax.block_until_ready(m)
-  os.makedirs(args.out, exist_ok=True)
-  jax.profiler.start_trace(args.out, create_perfetto_trace=True)
-  t0 = time.perf_counter()
-  for _ in range(args.steps):
-    state, m = step(state, batch)
-  jax.block_until_ready(m)
-  wall_ms = 1e3 * (time.perf_counter() - t0) / args.steps
-  jax.profiler.stop_trace()
-  s = summarise(xla_op_events(args.out), args.steps)
+  _, wall_ms, events = trace_steps(step, state, batch, args.steps, args.out)
+  s = summarise(events, args.steps)
   s.update(config=args.config, overrides=args.override, batch=args.batch, steps=args.steps,
            wall_ms_per_step=wall_ms, jax=jax.__version__, eval_num_samples=args.eval)
   what = f"importance sampling K={args.eval}" if args.eval else "update step"

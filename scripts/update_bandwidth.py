@@ -73,37 +73,16 @@ def main():
 
   import jax
 
-  from iaf_jax import config_lib, optim, train_lib
-  from iaf_jax import data as data_lib
-  from iaf_jax.experiments import bench
-  from iaf_jax.models import build_model
-  from profile_step import xla_op_events
+  from iaf_jax import train_lib
+  from profile_step import setup, trace_steps
 
-  config = config_lib.load_config_file(args.config)
-  shape = bench.NATURAL_SHAPES[config.data.name]
-  max_value = data_lib.MAX_VALUE.get(config.data.name, 255)
-  model = build_model(config.model, shape)
-  optimizer = optim.make_optimizer(config.train)
-  images = bench.synthetic_images(0, args.batch, shape, max_value)
-  state = train_lib.init_state(model, optimizer, images, 0, likelihood=config.model.likelihood, max_value=max_value)
+  config, model, optimizer, state, batch, max_value = setup(args.config, [], args.batch)
   big = {tuple(l.shape) for l in jax.tree_util.tree_leaves(state.params) if l.size >= args.min_elements}
   if not big:
     raise SystemExit(f"error: {args.config} has no parameter leaf of {args.min_elements} elements or more")
   step = train_lib.make_update_step(model, optimizer, config, max_value)
-  batch = jax.device_put(images)
   instrs = entry_instructions(step.lower(state, batch).compile().as_text())
-  for _ in range(3):  # compile and warm up
-    state, m = step(state, batch)
-  jax.block_until_ready(m)
-  os.makedirs(args.out, exist_ok=True)
-  jax.profiler.start_trace(args.out, create_perfetto_trace=True)
-  t0 = time.perf_counter()
-  for _ in range(args.steps):
-    state, m = step(state, batch)
-  jax.block_until_ready(m)
-  wall_ms = 1e3 * (time.perf_counter() - t0) / args.steps
-  jax.profiler.stop_trace()
-  events = xla_op_events(args.out)
+  _, wall_ms, events = trace_steps(step, state, batch, args.steps, args.out)
 
   def nbytes(name):
     dtype, shp, _, _ = instrs[name]
