@@ -7,15 +7,13 @@ bf16 (no casts: the most bf16 could give), against the same op in float32.
 Shapes: the MNIST ResNet blocks at batch 64, the CIFAR-10 rung head at batch 32, the MNIST models' dense layers,
 and a 2048^3 matmul for scale. Median of 5 timings of 20 calls each.
 """
-import time, jax, jax.numpy as jnp
+import os, sys
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax, jax.numpy as jnp
+from iaf_jax.eval_lib import median_seconds
 NHWC = ("NHWC", "HWIO", "NHWC")
-def bench(f, *a, n=20):
-  jax.block_until_ready(f(*a)); ts = []
-  for _ in range(5):
-    t = time.perf_counter()
-    for _ in range(n): r = f(*a)
-    jax.block_until_ready(r); ts.append((time.perf_counter() - t) / n)
-  return 1e3 * sorted(ts)[2]
+def bench(f, *a, n=20):  # ms per call: median of 5 timings of n calls each (the bench's median_seconds)
+  return 1e3 * median_seconds(lambda: [f(*a) for _ in range(n)][-1], repeats=5) / n
 def conv(x, w, dt):
   return jax.lax.conv_general_dilated(x.astype(dt), w.astype(dt), (1, 1), "SAME", dimension_numbers=NHWC,
                                       preferred_element_type=jnp.float32)

@@ -5,18 +5,14 @@ layers.conv2d_explicit_grads (those transposes written out), and the kernel grad
 
   XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" taskset -c 1 python scripts/conv_grad_forms.py
 """
-import os, sys, time
+import os, sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax, jax.numpy as jnp
 from iaf_jax import layers
+from iaf_jax.eval_lib import median_seconds
 NHWC = ("NHWC", "HWIO", "NHWC")
-def bench(f, *a, n=20):
-  jax.block_until_ready(f(*a)); ts = []
-  for _ in range(5):
-    t = time.perf_counter()
-    for _ in range(n): r = f(*a)
-    jax.block_until_ready(r); ts.append((time.perf_counter() - t) / n)
-  return 1e3 * sorted(ts)[2]
+def bench(f, *a, n=20):  # ms per call: median of 5 timings of n calls each (the bench's median_seconds)
+  return 1e3 * median_seconds(lambda: [f(*a) for _ in range(n)][-1], repeats=5) / n
 
 @jax.custom_vjp
 def conv_im2col(x, w):
