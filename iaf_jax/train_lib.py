@@ -231,7 +231,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t0, step0, wall0 = time.time(), step, meta["wall_time"]
   elapsed = lambda: wall0 + time.time() - t0   # wall time of the run, over all its resumptions
   # What each checkpoint saves beside the state: the policy's state and the wall time, under meta's keys.
-  save = lambda st, best=False: _save(manager, st, dict(meta, **policy.meta(), wall_time=elapsed()), best)
+  # `wall`: the wall time the loop's budget check sees for this step, so that a checkpoint never records less
+  # than the time that stopped the run (a rerun of a spent budget then trains nothing more).
+  save = lambda st, best=False, wall=None: _save(manager, st, dict(meta, **policy.meta(),
+                                                                   wall_time=elapsed() if wall is None else wall), best)
 
   def scheduled(st, step_now):
     """`st` with the rate the schedule gives at step_now, from the policy's lr_base."""
@@ -259,11 +262,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   try:
     if tc.lr_schedule != "constant":
       state = scheduled(state, step)
+    now = elapsed()
     while step < tc.num_steps and not stopped_early:
       if stop.signal is not None:
         stop_reason = f"signal {signal.Signals(stop.signal).name}"
         break
-      if budget_s and elapsed() >= budget_s:
+      if budget_s and now >= budget_s:
         stop_reason = f"time budget of {tc.time_budget_minutes:g} minutes spent"
         break
       state, metrics = train_step(state, next(batches))
@@ -296,6 +300,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       evaluated_best = False
       if tc.eval_every and len(valid) and step % tc.eval_every == 0:
         v = validation_neg_elbo(eval_fn, state.ema_params, valid, mesh, config.eval.batch_size, config.seed)
+        now = elapsed()
         decision = policy.update(v)
         if decision.annealed:
           state = scheduled(state, step)
@@ -305,14 +310,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                        "lr": lr})
           sys.stderr.write(f"\nstep {step}: validation -ELBO {v:.3f} (best {policy.best_valid:.3f}), lr {lr:g}\n")
         if decision.improved:
-          save(state, best=True)
+          save(state, best=True, wall=now)
           evaluated_best = True
         if decision.stop:
           stop_reason = early_stop_reason()
           break
 
+      if not evaluated_best:
+        now = elapsed()
       if step % tc.checkpoint_every == 0 and not evaluated_best:
-        save(state)
+        save(state, wall=now)
   finally:
     for s, h in old_handlers.items():
       signal.signal(s, h)
