@@ -104,7 +104,8 @@ def test_resnet_vae_train_evaluate_sample_on_mock_cifar_with_two_devices(tmp_pat
            "--config.eval.batch_size=8", "--config.eval.chunk_size=4"]
   tr = run_cli("train.py", *flags, env=TWO_DEVICES)
   assert tr.returncode == 0, tr.stderr[-2000:]
-  ev = run_cli("evaluate.py", f"--workdir={workdir}", "--num_samples=4", env=TWO_DEVICES)
+  # No XLA_FLAGS: evaluate.py restarts itself with one CPU device per asked-for core (hostenv.cpu_devices_env).
+  ev = run_cli("evaluate.py", f"--workdir={workdir}", "--num_samples=4", env={"IAF_JAX_CPU_DEVICES": "2"})
   assert ev.returncode == 0, ev.stderr[-2000:]
   r = json.load(open(os.path.join(workdir, "eval_test_best_K4.json")))
   assert r["devices"] == 2 and r["num_examples"] == 8 and r["num_dims"] == 8 * 8 * 3

@@ -231,6 +231,22 @@ def test_hugepages_env(monkeypatch):
   assert hostenv.hugepages_env({"IAF_JAX_HUGEPAGES": "0"}) is None
 
 
+def test_cpu_devices_env(monkeypatch):
+  flag = hostenv.CPU_DEVICES_FLAG
+  env = hostenv.cpu_devices_env({"XLA_FLAGS": "--xla_cpu_enable_fast_min_max=false", "IAF_JAX_CPU_DEVICES": "3"})
+  assert env["XLA_FLAGS"] == f"--xla_cpu_enable_fast_min_max=false {flag}=3"   # the user's flags kept
+  assert hostenv.cpu_devices_env(env) is None                                   # set: no second restart
+  assert hostenv.cpu_devices_env({"XLA_FLAGS": f"{flag}=4", "IAF_JAX_CPU_DEVICES": "2"}) is None  # XLA_FLAGS wins
+  assert hostenv.cpu_devices_env({"IAF_JAX_CPU_DEVICES": "1"}) is None
+  monkeypatch.setattr(hostenv, "usable_cores", lambda: 2)
+  assert hostenv.cpu_devices_env({})["XLA_FLAGS"] == f"{flag}=2"               # 'auto': one per core
+  monkeypatch.setattr(hostenv, "usable_cores", lambda: 1)
+  assert hostenv.cpu_devices_env({"IAF_JAX_CPU_DEVICES": "auto"}) is None      # one core: nothing to split
+  for bad in ("0", "two", "-1"):
+    with pytest.raises(SystemExit, match="IAF_JAX_CPU_DEVICES"):
+      hostenv.cpu_devices_env({"IAF_JAX_CPU_DEVICES": bad})
+
+
 def test_an_early_stopped_run_stays_stopped_when_rerun(tmp_path):
   """Rerunning the command of a run that stopped early (patience 1, a learning rate too small to improve)
   trains no further step; a larger patience continues it."""

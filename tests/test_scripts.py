@@ -28,3 +28,15 @@ def test_update_bandwidth_reads_the_entry_computation_of_compiled_hlo():
   assert len(fusions) == 1
   dtype, shape, _, operands = fusions[0]
   assert (dtype, shape) == ("f32", (300, 200)) and set(operands) == params
+
+
+def test_dot_shapes_times_the_step_matmuls_against_the_ceiling(capsys, monkeypatch):
+  """The script runs end to end at a small size and reports the ceiling and the three step matmuls."""
+  import json
+  import sys
+  ds = _load("dot_shapes")
+  monkeypatch.setattr(sys, "argv", ["dot_shapes.py", "--batch", "8", "--width", "64", "--n", "128", "--repeats", "2"])
+  ds.main()
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert [r["op"] for r in result["rows"]] == ["ceiling n^3", "forward x @ W", "dX = g @ W^T", "dW = x^T @ g"]
+  assert all(r["xla_gflops"] > 0 and r["numpy_gflops"] > 0 for r in result["rows"])
