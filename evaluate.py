@@ -8,7 +8,7 @@ from iaf_jax import hostenv
 if __name__ == "__main__":
   # Before JAX loads: glibc reads its malloc tunables, XLA its flags, only at process start. On a CPU host the
   # evaluation runs on one XLA device per core (hostenv.cpu_devices_env; IAF_JAX_CPU_DEVICES=1: one device).
-  hostenv.reexec_with_hugepages(cpu_devices=True)
+  hostenv.reexec_with_host_env(cpu_devices=True)
 
 from absl import flags  # noqa: E402
 

@@ -72,7 +72,7 @@ def cpu_devices_env(environ=None) -> Optional[dict]:
   return environ
 
 
-def reexec_with_hugepages(cpu_devices: bool = False) -> None:
+def reexec_with_host_env(cpu_devices: bool = False) -> None:
   """Restart this process (same interpreter, same command line) with hugepages_env(), and with cpu_devices
   also cpu_devices_env(), if that differs: glibc reads its tunables, XLA its flags, only at process start.
   Call first thing in a command-line entry point, never in a library."""

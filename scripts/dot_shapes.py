@@ -13,19 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import os
+import sys
 
 import numpy as np
 
-
-def median_rate(fn, flops: float, repeats: int) -> float:
-  fn()
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return flops / float(np.median(times)) / 1e9
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main() -> None:
@@ -38,22 +31,24 @@ def main() -> None:
   import jax
   import jax.numpy as jnp
 
+  from iaf_jax.eval_lib import median_seconds
+
   b, w, n = args.batch, args.width, args.n
   rng = np.random.default_rng(0)
   x, g = rng.standard_normal((b, w), np.float32), rng.standard_normal((b, w), np.float32)
   k, big = rng.standard_normal((w, w), np.float32), rng.standard_normal((n, n), np.float32)
-  shapes = {  # name: (lhs, rhs, transposes)
-      "ceiling n^3": (big, big, lambda a, c: a @ c),
-      "forward x @ W": (x, k, lambda a, c: a @ c),
-      "dX = g @ W^T": (g, k, lambda a, c: a @ c.T),
-      "dW = x^T @ g": (x, g, lambda a, c: a.T @ c),
+  step_flops = 2.0 * b * w * w
+  shapes = {  # name: (lhs, rhs, product, flops)
+      "ceiling n^3": (big, big, lambda a, c: a @ c, 2.0 * n ** 3),
+      "forward x @ W": (x, k, lambda a, c: a @ c, step_flops),
+      "dX = g @ W^T": (g, k, lambda a, c: a @ c.T, step_flops),
+      "dW = x^T @ g": (x, g, lambda a, c: a.T @ c, step_flops),
   }
   rows = []
-  for name, (lhs, rhs, f) in shapes.items():
-    flops = 2.0 * (n ** 3 if name.startswith("ceiling") else b * w * w)
+  for name, (lhs, rhs, f, flops) in shapes.items():
     jl, jr, jf = jnp.asarray(lhs), jnp.asarray(rhs), jax.jit(f)
-    xla = median_rate(lambda: jf(jl, jr).block_until_ready(), flops, args.repeats)
-    blas = median_rate(lambda: f(lhs, rhs), flops, args.repeats)
+    xla = flops / median_seconds(lambda: jf(jl, jr), args.repeats) / 1e9
+    blas = flops / median_seconds(lambda: f(lhs, rhs), args.repeats) / 1e9
     rows.append({"op": name, "xla_gflops": xla, "numpy_gflops": blas})
   ceiling = rows[0]["xla_gflops"]
   print(f"batch {b}, width {w}; jax {jax.__version__}; XLA ceiling {ceiling:.1f} GFLOP/s")
