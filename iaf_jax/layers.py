@@ -126,21 +126,33 @@ conv2d_explicit_grads.defvjp(_conv2d_explicit_fwd, _conv2d_explicit_bwd)
 def conv2d(x: jax.Array, w: jax.Array, strides: tuple[int, int], explicit_grads: bool = False) -> jax.Array:
   """NHWC x HWIO -> NHWC convolution with SAME padding.
 
-  A single-channel input (the MNIST models' first encoder layer and last decoder layer) is convolved as a sum
+  A 1x1 kernel is a matmul over the (strided) pixels. A single-channel input (the MNIST models' first encoder
+  layer and last decoder layer) is convolved as a sum
   of kh*kw shifted slices times the kernel's taps: elementwise work, 5-30x faster than XLA:CPU's convolution
   for one input channel (docs/performance.md). `explicit_grads` (stride 1 only; others are unchanged):
   `conv2d_explicit_grads`, for convolutions inside lax.scan.
   """
+  (kh, kw, _, _), (sh, sw) = w.shape, strides
+  if (kh, kw) == (1, 1):
+    # A 1x1 convolution is a matmul per pixel (SAME adds no padding; a stride picks pixels 0, s, 2s, ...). As a
+    # dot it runs in the matmul library at any width and its gradients need no layout changes; as a convolution
+    # XLA:CPU transposed the activations for its kernel gradient and ran the strided one's input gradient as a
+    # dilated convolution outside its matmul library (docs/performance.md, eighth round).
+    return jnp.einsum("bhwc,co->bhwo", x[:, ::sh, ::sw, :], w[0, 0])
   if x.shape[-1] != 1:
     if explicit_grads and tuple(strides) == (1, 1):
       return conv2d_explicit_grads(x, w)
     return _lax_conv(x, w, strides)
-  (kh, kw, _, _), (sh, sw) = w.shape, strides
   (oh, pad_h), (ow, pad_w) = _same_padding(x.shape[1], kh, sh), _same_padding(x.shape[2], kw, sw)
   xp = jnp.pad(x, ((0, 0), pad_h, pad_w, (0, 0)))
   taps = [xp[:, i:i + (oh - 1) * sh + 1:sh, j:j + (ow - 1) * sw + 1:sw, :] * w[i, j, 0]
           for i in range(kh) for j in range(kw)]
   return functools.reduce(jnp.add, taps)
+
+
+def nearest_upsample(x: jax.Array) -> jax.Array:
+  """Nearest-neighbour upsampling by 2 of an NHWC map (each pixel repeated in a 2x2 block)."""
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
 def _subpixel_taps(k: int, s: int) -> tuple[int, int, list[list[Optional[int]]]]:

@@ -270,10 +270,10 @@ def test_conv2d_transpose_is_the_dilated_convolution(kernel, stride):
 
 
 @pytest.mark.parametrize("c_in", [1, 3])
-@pytest.mark.parametrize("kernel,stride", [((3, 3), 1), ((3, 3), 2), ((1, 1), 2), ((5, 4), 2), ((2, 2), 3)])
+@pytest.mark.parametrize("kernel,stride", [((3, 3), 1), ((3, 3), 2), ((1, 1), 1), ((1, 1), 2), ((5, 4), 2), ((2, 2), 3)])
 def test_conv2d_matches_xla_same_convolution(c_in, kernel, stride):
-  """conv2d (single input channel: a sum of shifted slices) computes lax's SAME convolution: values and
-  gradients, odd and even kernels, strides that do and do not divide the size."""
+  """conv2d (single input channel: a sum of shifted slices; 1x1 kernel: a matmul over the strided pixels) computes
+  lax's SAME convolution: values and gradients, odd and even kernels, strides that do and do not divide the size."""
   from iaf_jax.layers import conv2d
 
   rng = np.random.default_rng(2)

@@ -66,6 +66,33 @@ def test_report_identity_block_adds_elu_of_conv_to_its_input():
   np.testing.assert_allclose(blk.apply(v, x), x + (np.exp(-0.7) - 1.0), rtol=1e-6)
 
 
+
+@pytest.mark.parametrize("in_hw,out_hw", [((4, 4), (7, 7)), ((7, 7), (14, 14)), ((3, 5), (6, 9))])
+def test_upsampled_shortcut_is_the_1x1_conv_of_the_upsampled_input(in_hw, out_hw):
+  """The decoder's strided shortcut runs its 1x1 conv before the nearest-neighbour upsampling: the same
+  data-dependent init and the same values as convolving the upsampled (and cropped) input."""
+  import flax.linen as nn
+  from iaf_jax.layers import Conv2D, nearest_upsample
+  from iaf_jax.models.mnist_vae import _upsampled_shortcut
+
+  class Ours(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return _upsampled_shortcut(x, 5, out_hw, True)
+
+  class UpsampleFirst(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return Conv2D(5, 1)(nearest_upsample(x))[:, :out_hw[0], :out_hw[1], :]
+
+  x = jax.random.normal(KEY, (3, *in_hw, 6))
+  ours, ref = Ours().init(KEY, x), UpsampleFirst().init(KEY, x)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), ours, ref)
+  x2 = jax.random.normal(jax.random.PRNGKey(3), x.shape)
+  got = Ours().apply(ours, x2)
+  assert got.shape == (3, *out_hw, 5)
+  np.testing.assert_allclose(got, UpsampleFirst().apply(ours, x2), rtol=1e-5, atol=1e-5)
+
 def _tiny(**kw):
   return MnistVAE(image_shape=(8, 8, 1), latent_dim=4, iaf_width=16, channels=(4, 8), strides=(2, 2),
                   hidden_dim=16, **kw)

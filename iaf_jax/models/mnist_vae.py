@@ -23,7 +23,7 @@ import numpy as np
 
 from iaf_jax import config_lib, distributions as dist, objectives
 from iaf_jax.flows import IAFFlow
-from iaf_jax.layers import Conv2D, ConvTranspose2D, MaskedDense
+from iaf_jax.layers import Conv2D, ConvTranspose2D, MaskedDense, nearest_upsample
 
 # Where the encoder's log-std starts (its layer's outputs start with std 0.1 about this offset). The report's
 # code (IAF_VAE_mnist/Encoder.py: log_std = linear(x) / 10) starts near 0, std ~1: the "initially low variance"
@@ -48,6 +48,16 @@ def _shortcut(x, features, strides, weight_norm):
   if strides == 1 and x.shape[-1] == features:
     return x
   return Conv2D(features, 1, strides, weight_norm=weight_norm)(x)
+
+
+def _upsampled_shortcut(x, features, out_hw, weight_norm):
+  """The decoder's strided shortcut: x upsampled (nearest neighbour, x2), a 1x1 conv, cropped to out_hw.
+
+  A 1x1 conv commutes with nearest-neighbour upsampling (every output pixel is the projection of one input
+  pixel), so it runs on the small map and its output is upsampled: the same values with a quarter of the
+  arithmetic and memory traffic. Data-dependent init sees the same statistics (each pixel repeated 4 times)."""
+  y = nearest_upsample(Conv2D(features, 1, weight_norm=weight_norm)(x))
+  return y[:, :out_hw[0], :out_hw[1], :]
 
 
 class ReportResBlock(nn.Module):
@@ -76,8 +86,7 @@ class ReportUpResBlock(nn.Module):
   def __call__(self, x):
     crop = lambda a: a[:, :self.out_hw[0], :self.out_hw[1], :]
     h = crop(ConvTranspose2D(self.features, 3, 2, weight_norm=self.weight_norm)(x))
-    up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    return crop(Conv2D(self.features, 1, weight_norm=self.weight_norm)(up)) + (h if self.final else nn.elu(h))
+    return _upsampled_shortcut(x, self.features, self.out_hw, self.weight_norm) + (h if self.final else nn.elu(h))
 
 
 class ResBlock(nn.Module):
@@ -105,8 +114,7 @@ class UpResBlock(nn.Module):
     crop = lambda a: a[:, :self.out_hw[0], :self.out_hw[1], :]
     h = crop(ConvTranspose2D(self.features, 3, 2, weight_norm=self.weight_norm)(nn.elu(x)))
     h = Conv2D(self.features, 3, weight_norm=self.weight_norm, init_scale=1.0 if self.final else 0.1)(nn.elu(h))
-    up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # nearest-neighbour, then the 1x1 projection
-    return crop(Conv2D(self.features, 1, weight_norm=self.weight_norm)(up)) + h
+    return _upsampled_shortcut(x, self.features, self.out_hw, self.weight_norm) + h
 
 
 def _encoder_sizes(hw: tuple[int, int], strides: Sequence[int]) -> list[tuple[int, int]]:
@@ -291,10 +299,9 @@ class MnistVAE(nn.Module):
       if self.strides[i] == 1:
         dec += _conv_macs(dst, (3, 3), ch_in, ch) + (_conv_macs(dst, (3, 3), ch, ch) if two_conv else 0) + (
             _conv_macs(dst, (1, 1), ch_in, ch) if ch_in != ch else 0)
-      else:  # transposed conv (useful taps), [two_conv: 3x3 conv], nearest upsample + 1x1 projection
-        up = tuple(2 * d for d in src)
+      else:  # transposed conv (useful taps), [two_conv: 3x3 conv], 1x1 projection + nearest upsample
         dec += (_conv_macs(src, (3, 3), ch_in, ch) + (_conv_macs(dst, (3, 3), ch, ch) if two_conv else 0)
-                + _conv_macs(up, (1, 1), ch_in, ch))
+                + _conv_macs(src, (1, 1), ch_in, ch))  # the shortcut's 1x1 conv runs before upsampling
     width = self.iaf_width
     flow = self.iaf_depth * ((k + (context or hd)) * width + width * width
                              + width * k * (2 if self.learnt_sigma else 1))

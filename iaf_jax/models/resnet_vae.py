@@ -38,7 +38,7 @@ import numpy as np
 from iaf_jax import distributions as dist
 from iaf_jax import objectives
 from iaf_jax.flows import IAFStep
-from iaf_jax.layers import Conv2D, ConvTranspose2D
+from iaf_jax.layers import Conv2D, ConvTranspose2D, nearest_upsample
 
 # openai/iaf's conv2d/deconv2d default init_scale: every layer starts with outputs of std 0.1 over the init batch.
 _INIT_SCALE = 0.1
@@ -89,10 +89,6 @@ def validate_resnet_vae(image_shape: Sequence[int], *, h_size: int, z_size: int,
 def _nearest_down(x: jax.Array) -> jax.Array:
   """Nearest-neighbour downsampling by 2 (tf.image.resize_nearest_neighbor to half size picks pixel 2i)."""
   return x[:, ::2, ::2, :]
-
-
-def _nearest_up(x: jax.Array) -> jax.Array:
-  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
 class RungOutput(NamedTuple):
@@ -203,7 +199,7 @@ class Rung(nn.Module):
   def _output(self, x, z, h_det):
     hid = self.down_conv2(nn.elu(jnp.concatenate([z, h_det], axis=-1)))
     if self.downsample:
-      x = _nearest_up(x)
+      x = nearest_upsample(x)
     return x + _RESIDUAL_WEIGHT * hid
 
   @staticmethod
