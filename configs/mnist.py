@@ -77,6 +77,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.lr_schedule = "constant"  # [H] constant rate; "cosine": decay to min_learning_rate over the run
                                     # (its steps or time budget, whichever ends it first)
   c.train.num_importance_samples = 1  # [H] k: 1 = the ELBO; k > 1 = Burda et al.'s k-sample bound
+  c.train.micro_batches = 2         # the loss as the mean of 2 micro-batches' (the same objective): independent
+  #                                   chains XLA:CPU runs on 2 cores side by side (docs/performance.md, eighth round)
   c.train.ema_decay = 0.999         # [H] Polyak (EMA) averaging with decay 0.999, used for evaluation
   c.train.free_bits = 0.0           # lambda of Equation 14; the MNIST models train on the plain ELBO ([R] 4.2)
   c.train.grad_clip_norm = 0.0      # 0 = off
@@ -107,6 +109,10 @@ def get_config(name: str = "iaf_d2_w320") -> ml_collections.ConfigDict:
   c.name = name
   if name in ROWS:
     c.model.iaf_depth, c.model.iaf_width, c.model.learnt_sigma = ROWS[name]
+    if c.model.iaf_width >= 1920:
+      # Steps dominated by the 1920 x 1920 kernels, whose gradient every micro-batch computes again: IAF 8/1920
+      # trained at 0.90x with 2 (docs/performance.md, eighth round).
+      c.train.micro_batches = 1
   elif name == "toy_2d":
     # [R] Figure 4: a 2-D latent trained on only 4 MNIST images (IAF paper Figure 3's toy).
     c.data.validation_size = 0

@@ -58,6 +58,11 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
   need(isinstance(k, int) and k >= 1, "train.num_importance_samples", k, "(k) must be an integer >= 1")
   need(k == 1 or t.free_bits == 0, "train.num_importance_samples", k,
         "k > 1 trains on the importance-weighted bound, which has no free-bits form: set train.free_bits=0")
+  mb = t.get("micro_batches", 1)
+  need(isinstance(mb, int) and mb >= 1, "train.micro_batches", mb, "must be an integer >= 1")
+  need(t.batch_size % mb == 0, "train.micro_batches", mb, f"must divide train.batch_size={t.batch_size}")
+  need(mb == 1 or t.free_bits == 0, "train.micro_batches", mb,
+        "free bits act on the whole batch's mean KL, which micro-batches would change: set train.micro_batches=1")
   need(t.max_consecutive_nonfinite >= 1, "train.max_consecutive_nonfinite", t.max_consecutive_nonfinite,
         "must be >= 1")
   need(e.num_samples >= 1, "eval.num_samples", e.num_samples, "(K) must be >= 1")

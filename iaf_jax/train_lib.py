@@ -46,7 +46,7 @@ class TrainState:
 def make_train_step(model, optimizer: optax.GradientTransformation, *, likelihood: str, max_value: int,
                     free_bits: float, ema_decay: float,
                     fused_adamax: Optional[tuple[float, float, float]] = None,
-                    num_importance_samples: int = 1, batch_sharding=None) -> Callable:
+                    num_importance_samples: int = 1, micro_batches: int = 1, batch_sharding=None) -> Callable:
   """(state, uint8 images) -> (state, metrics): one pure update. A step whose loss or gradients are not
   finite changes nothing but the step and skip counters. `fused_adamax` (`optim.fused_adamax(train_cfg)`, for a
   plain Adamax optimizer) computes the same update without XLA's per-step copies of the state.
@@ -54,21 +54,33 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, likelihoo
   importance_weighted_loss): the model's terms on k copies of the batch, k independent posterior samples each.
   On a mesh, `batch_sharding` (sharding.batch_sharded) keeps those k copies split by example: without it the
   partitioner gave every device the whole k-times batch (XLA's flops of the 2-device step = the 1-device step's;
-  tests/test_distributed.py)."""
-  k = int(num_importance_samples)
+  tests/test_distributed.py). `micro_batches` S > 1 computes the loss as the mean of S micro-batches' (example i
+  in micro-batch i % S, its own posterior draws): S independent forward and backward chains until the gradient
+  sum, which XLA:CPU runs on its cores side by side (docs/performance.md, eighth round). Without free bits it is
+  the same objective as the whole batch's; with them it is not (they act on the batch's mean KL), so the config
+  refuses that combination."""
+  k, s = int(num_importance_samples), int(micro_batches)
 
   def train_step(state: TrainState, images: jax.Array):
     key = jax.random.fold_in(state.rng, state.step)
     k_bin, k_z = jax.random.split(key)
     x = data_lib.model_inputs(k_bin, images, likelihood, max_value)
 
-    def loss_fn(params):
+    def batch_loss(params, xb, kb):
       if k == 1:
-        return objectives.vae_loss(model.apply({"params": params}, x, k_z), free_bits)
-      xk = objectives.repeat_examples(x, k)
+        return objectives.vae_loss(model.apply({"params": params}, xb, kb), free_bits)
+      xk = objectives.repeat_examples(xb, k)
       if batch_sharding is not None:
         xk = jax.lax.with_sharding_constraint(xk, batch_sharding)
-      return objectives.importance_weighted_loss(model.apply({"params": params}, xk, k_z), k)
+      return objectives.importance_weighted_loss(model.apply({"params": params}, xk, kb), k)
+
+    def loss_fn(params):
+      if s == 1:
+        return batch_loss(params, x, k_z)
+      # Strided, not contiguous, micro-batches: on a mesh each one keeps an equal share on every device.
+      xs = x.reshape(-1, s, *x.shape[1:])
+      parts = [batch_loss(params, xs[:, i], jax.random.fold_in(k_z, i)) for i in range(s)]
+      return jax.tree_util.tree_map(lambda *a: sum(a) / s, *parts)
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     # A NaN or Inf in any gradient makes the norm NaN or Inf: one pass over the gradients, which the logged
@@ -98,6 +110,7 @@ def make_update_step(model, optimizer: optax.GradientTransformation, config, max
                                  free_bits=tc.free_bits, ema_decay=tc.ema_decay,
                                  fused_adamax=optim.fused_adamax(tc),
                                  num_importance_samples=tc.get("num_importance_samples", 1),
+                                 micro_batches=tc.get("micro_batches", 1),
                                  batch_sharding=by_data), donate_argnums=0)
 
 
@@ -201,9 +214,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     config_lib.write_data_info(workdir, ds)
   mesh = sharding.make_mesh()
   n_dev = mesh.devices.size
-  if tc.batch_size % n_dev:
-    raise config_lib.ConfigError(f"config.train.batch_size={tc.batch_size} must be a multiple of the "
-                                 f"{n_dev} devices")
+  per_step = n_dev * tc.get("micro_batches", 1)
+  if tc.batch_size % per_step:
+    raise config_lib.ConfigError(f"config.train.batch_size={tc.batch_size} must be a multiple of the {n_dev} "
+                                 f"devices x train.micro_batches={tc.get('micro_batches', 1)}")
   model = build_model(config.model, ds.image_shape)
   if jax.process_index() == 0:  # one writer: hosts sharing the workdir would race on config.json.tmp
     config_lib.save_config(config, workdir)

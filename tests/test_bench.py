@@ -32,8 +32,10 @@ def test_quick_bench_json(tmp_path):
   out = tmp_path / "bench.json"
   env_before = {k: v for k, v in os.environ.items() if "force_host_platform_device_count" not in v}
   # --devices 1,2 on a 1-device CPU host: the bench restarts itself with 2 forced host devices.
+  # One micro-batch: each micro-batch repeats the per-parameter work (weight norm and its gradient), which for the
+  # quick model's few flops per image would break the per-image comparison of batch 8 and 16 below.
   proc = _run_bench("--configs", "mnist:diag", "--batch", "8,16", "--devices", "1,2", "--is_examples", "8",
-                    "--quick", "--json", str(out))
+                    "--quick", "--override", "train.micro_batches=1", "--json", str(out))
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "compiling the update step" in proc.stderr      # progress goes to stderr
   assert "train img/s" in proc.stdout                     # the table goes to stdout

@@ -296,7 +296,8 @@ from helpers import tiny_config
 from iaf_jax import optim, sharding, train_lib
 from iaf_jax.experiments.bench import cost_flops
 from iaf_jax.models import build_model
-c = tiny_config(**{"train.num_importance_samples": 8, "train.free_bits": 0.0})
+import sys
+c = tiny_config(**dict(eval(sys.argv[1]), **{"train.free_bits": 0.0}))
 model, opt = build_model(c.model, (8, 8, 1)), optim.make_optimizer(c.train)
 images = np.random.default_rng(0).integers(0, 2, size=(16, 8, 8, 1), dtype=np.uint8)
 state0 = train_lib.init_state(model, opt, images, 0, likelihood=c.model.likelihood, max_value=1)
@@ -315,11 +316,14 @@ print("OK")
 '''
 
 
-def test_k_sample_training_step_is_split_by_example_over_devices():
-  """train.num_importance_samples = k > 1 on 2 devices: each device computes only its half of the k-times
-  batch (before the fix both computed all of it: 8.24 vs 8.25 MFLOP), and the loss equals 1 device's."""
+@pytest.mark.parametrize("overrides", [{"train.num_importance_samples": 8, "train.micro_batches": 1},
+                                       {"train.micro_batches": 2}, {"train.num_importance_samples": 4, "train.micro_batches": 2}])
+def test_k_sample_training_step_is_split_by_example_over_devices(overrides):
+  """train.num_importance_samples = k > 1 (and train.micro_batches) on 2 devices: each device computes only its
+  half of the (k-times) batch (before the fix both computed all of it: 8.24 vs 8.25 MFLOP), and the loss equals
+  1 device's."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests")]))
-  proc = subprocess.run([sys.executable, "-c", K_SAMPLE_STEP], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=300)
+  proc = subprocess.run([sys.executable, "-c", K_SAMPLE_STEP, repr(overrides)], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]

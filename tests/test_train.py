@@ -175,6 +175,45 @@ def test_importance_weighted_training_step_bound_is_tighter(tmp_path):
                                  str(tmp_path / "bad"))
 
 
+def test_micro_batches_average_the_whole_batch_and_bad_values_are_refused():
+  """train.micro_batches = S splits the batch into S strided micro-batches whose losses are averaged: with the
+  micro-batches' own posterior draws, the step's loss and gradient estimate the whole batch's. The decoder is
+  set to predict blank images and the batch is half blank, half dense, so an example dropped, duplicated or
+  summed shows."""
+  c = tiny_config(**{"train.free_bits": 0.0})
+  model, opt = build_model(c.model, (8, 8, 1)), optim.make_optimizer(c.train)
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(np.concatenate([np.zeros((32, 8, 8, 1), np.uint8),
+                                       (rng.random((32, 8, 8, 1)) < 0.7).astype(np.uint8)]))
+  state0 = train_lib.init_state(model, opt, np.asarray(images), 0, likelihood=c.model.likelihood, max_value=1)
+  params = jax.tree_util.tree_map(lambda a: a, state0.params)
+  last = max((k for k in params if k.startswith("dec_blocks")), key=lambda k: int(k.rsplit("_", 1)[-1]))
+  params[last]["ConvTranspose2D_0"]["bias"] = params[last]["ConvTranspose2D_0"]["bias"] - 4.0
+  state0 = state0.replace(params=params)
+
+  def estimate(s, batch):
+    step = jax.jit(train_lib.make_train_step(model, opt, likelihood="bernoulli", max_value=1, free_bits=0.0,
+                                             ema_decay=0.999, micro_batches=s))
+    grad_of = jax.jit(jax.grad(lambda p, key: step(state0.replace(params=p, rng=key), batch)[1]["loss"]))
+    keys = [jax.random.PRNGKey(i) for i in range(8)]
+    neg_elbo = np.mean([float(step(state0.replace(rng=key), batch)[1]["neg_elbo"]) for key in keys])
+    grads = [np.concatenate([np.ravel(g) for g in jax.tree_util.tree_leaves(grad_of(state0.params, key))])
+             for key in keys]
+    return neg_elbo, np.mean(grads, axis=0)
+
+  (whole, g1), (halves, g2) = estimate(1, images), estimate(2, images)
+  blank_only, _ = estimate(1, images[:32])
+  assert abs(blank_only - whole) > 0.3 * whole, (blank_only, whole)  # the halves differ: a lost one would show
+  assert abs(halves - whole) < 0.02 * whole, (halves, whole)
+  cos = g2 @ g1 / np.linalg.norm(g2) / np.linalg.norm(g1)
+  assert cos > 0.9, cos
+  for value, match in [(3, "divide train.batch_size"), (0, "integer >= 1")]:
+    with pytest.raises(config_lib.ConfigError, match=match):
+      config_lib.validate_config(tiny_config(**{"train.micro_batches": value}))
+  with pytest.raises(config_lib.ConfigError, match="micro_batches"):
+    config_lib.validate_config(tiny_config(**{"train.micro_batches": 2, "train.free_bits": 0.5}))
+
+
 def test_time_budget_stops_the_run_and_a_rerun_stays_stopped(tmp_path):
   workdir = str(tmp_path / "budget")
   cfg = tiny_config(**{"train.num_steps": 100_000, "train.time_budget_minutes": 0.05, "train.eval_every": 0,
