@@ -127,9 +127,8 @@ def conv2d(x: jax.Array, w: jax.Array, strides: tuple[int, int], explicit_grads:
   """NHWC x HWIO -> NHWC convolution with SAME padding.
 
   A 1x1 kernel is a matmul over the (strided) pixels. A single-channel input (the MNIST models' first encoder
-  layer and last decoder layer) is convolved as a sum
-  of kh*kw shifted slices times the kernel's taps: elementwise work, 5-30x faster than XLA:CPU's convolution
-  for one input channel (docs/performance.md). `explicit_grads` (stride 1 only; others are unchanged):
+  layer and last decoder layer) is convolved as a sum of kh*kw shifted slices times the kernel's taps:
+  elementwise work, 5-30x faster than XLA:CPU's convolution for one input channel (docs/performance.md). `explicit_grads` (stride 1 only; others are unchanged):
   `conv2d_explicit_grads`, for convolutions inside lax.scan.
   """
   (kh, kw, _, _), (sh, sw) = w.shape, strides

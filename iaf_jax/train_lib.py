@@ -214,10 +214,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     config_lib.write_data_info(workdir, ds)
   mesh = sharding.make_mesh()
   n_dev = mesh.devices.size
-  per_step = n_dev * tc.get("micro_batches", 1)
-  if tc.batch_size % per_step:
+  micro_batches = tc.get("micro_batches", 1)
+  if tc.batch_size % (n_dev * micro_batches):
     raise config_lib.ConfigError(f"config.train.batch_size={tc.batch_size} must be a multiple of the {n_dev} "
-                                 f"devices x train.micro_batches={tc.get('micro_batches', 1)}")
+                                 f"devices x train.micro_batches={micro_batches}")
   model = build_model(config.model, ds.image_shape)
   if jax.process_index() == 0:  # one writer: hosts sharing the workdir would race on config.json.tmp
     config_lib.save_config(config, workdir)
