@@ -17,6 +17,9 @@ py=${PYTHON:-.venv/bin/python}
 reference() {  # reference N_IAF WIDTH: one JSON line
   SEED_TORCH=$A/seed-torch THREADS=2 "$A/torch-venv/bin/python" ../shared/reference/seed_torch_bench.py "$1" "$2" 64
 }
+ours() {  # ours BENCH_FLAGS...: the bench at the reference's batch, on DEVICES devices
+  "$py" -m iaf_jax.experiments.bench --batch 64 --repeats 5 --steps 10 --no_sampling --devices "${DEVICES:-1}" "$@"
+}
 if [ -n "${ROUNDS:-}" ]; then
   configs=${CONFIGS:-mnist:diag,mnist:iaf_d2_w320,mnist:iaf_d8_w1920}
   for r in $(seq 1 "$ROUNDS"); do
@@ -27,12 +30,9 @@ if [ -n "${ROUNDS:-}" ]; then
            exit 2 ;;
       esac
       name=${c#mnist:}
-      ours() {
-        "$py" -m iaf_jax.experiments.bench --batch 64 --repeats 5 --steps 10 --no_sampling --devices "${DEVICES:-1}" \
-          --configs "$c" --json "$out/ours_r${r}_$name.json" | tail -1
-      }
-      if [ $((r % 2)) = 1 ]; then reference $args > "$out/reference_r${r}_$name.json"; ours
-      else ours; reference $args > "$out/reference_r${r}_$name.json"; fi
+      if [ $((r % 2)) = 1 ]; then reference $args > "$out/reference_r${r}_$name.json"; fi
+      ours --configs "$c" --json "$out/ours_r${r}_$name.json" | tail -1
+      if [ $((r % 2)) = 0 ]; then reference $args > "$out/reference_r${r}_$name.json"; fi
     done
   done
   "$py" - "$out" "$ROUNDS" "$configs" <<'PY'
@@ -68,5 +68,4 @@ for cfg in "0 320" "2 320" "8 1920"; do
 done | tee "$out/reference.jsonl"
 two="@model.block=two_conv@model.context_dim=0"   # the block and context used before the report's
 configs=${CONFIGS:-mnist:diag,mnist:iaf_d2_w320,mnist:iaf_d8_w1920,mnist:diag$two,mnist:iaf_d2_w320$two,mnist:iaf_d8_w1920$two}
-"$py" -m iaf_jax.experiments.bench --batch 64 --repeats 5 --steps 10 --no_sampling --json "$out/ours.json" \
-  --devices "${DEVICES:-1}" --configs "$configs" | tail -13
+ours --json "$out/ours.json" --configs "$configs" | tail -13
