@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from iaf_jax import masks as masks_lib
 from iaf_jax.layers import MaskedConv2D, MaskedDense
+from iaf_jax.objectives import tile_samples
 
 # s starts near +1.5, so sigma = sigmoid(s) ~ 0.82: each step starts close to the identity (IAF paper, report
 # Appendix 6.1), which keeps early training stable.
@@ -31,14 +32,22 @@ class MADE(nn.Module):
   weight_norm: bool = True
 
   @nn.compact
-  def __call__(self, z: jax.Array, context: Optional[jax.Array] = None) -> jax.Array:
+  def __call__(self, z: jax.Array, context: Optional[jax.Array] = None, context_repeats: int = 1) -> jax.Array:
+    """`context_repeats` r > 1: z has r times the context's rows, sample-major (objectives.tile_samples), and
+    the first layer multiplies each context row once (the same values as with the context tiled)."""
     k = z.shape[-1]
     num_context = 0 if context is None else context.shape[-1]
     masks = masks_lib.made_masks(k, tuple(self.hidden_sizes), num_context=num_context,
                                  num_outputs_per_latent=self.num_outputs_per_latent,
                                  hidden_degrees=self.hidden_degrees, seed=self.seed)
-    x = z if context is None else jnp.concatenate([z, context], axis=-1)
-    for size, mask in zip(self.hidden_sizes, masks[:-1]):
+    x, first = z, 0
+    if context is not None and context_repeats != 1 and self.hidden_sizes:
+      x = nn.elu(MaskedDense(self.hidden_sizes[0], mask=masks[0], weight_norm=self.weight_norm)(
+          z, shared=context, repeats=context_repeats))
+      first = 1
+    elif context is not None:
+      x = jnp.concatenate([z, tile_samples(context, context_repeats)], axis=-1)
+    for size, mask in zip(self.hidden_sizes[first:], masks[first:-1]):
       x = nn.elu(MaskedDense(size, mask=mask, weight_norm=self.weight_norm)(x))
     out = MaskedDense(k * self.num_outputs_per_latent, mask=masks[-1], weight_norm=self.weight_norm,
                       init_scale=OUTPUT_INIT_SCALE)(x)
@@ -105,15 +114,21 @@ class IAFStep(nn.Module):
   explicit_grads: bool = False  # 'pixelcnn': PixelCNNNetwork.explicit_grads
 
   @nn.compact
-  def __call__(self, z: jax.Array, context: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, z: jax.Array, context: Optional[jax.Array] = None,
+               context_repeats: int = 1) -> tuple[jax.Array, jax.Array]:
+    """`context_repeats` r: z's rows are r sample-major copies of the context's (MADE.context_repeats)."""
     event_axes = (-1,) if self.kind == "made" else (-3, -2, -1)
     flip = (lambda a: jnp.flip(a, event_axes)) if self.reverse else (lambda a: a)
     # A vector context has no order; a context map is aligned with z's pixels, so it flips with z.
     ctx = context if (context is None or self.kind == "made") else flip(context)
     zr = flip(z)
-    out = autoregressive_network(self.kind, self.hidden, 2 if self.learnt_sigma else 1,
+    net = autoregressive_network(self.kind, self.hidden, 2 if self.learnt_sigma else 1,
                                  kernel_size=self.kernel_size, weight_norm=self.weight_norm,
-                                 explicit_grads=self.explicit_grads)(zr, ctx)
+                                 explicit_grads=self.explicit_grads)
+    if self.kind == "made":
+      out = net(zr, ctx, context_repeats)
+    else:
+      out = net(zr, None if ctx is None else tile_samples(ctx, context_repeats))
     sum_axes = tuple(range(1, z.ndim))
     if self.learnt_sigma:
       m, s = out[..., 0], out[..., 1] + SIGMA_BIAS
@@ -136,12 +151,13 @@ class IAFFlow(nn.Module):
   weight_norm: bool = True
 
   @nn.compact
-  def __call__(self, z: jax.Array, context: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, z: jax.Array, context: Optional[jax.Array] = None,
+               context_repeats: int = 1) -> tuple[jax.Array, jax.Array]:
     if self.depth < 0:
       raise ValueError(f"IAFFlow: depth must be >= 0, got {self.depth}")
     log_det = jnp.zeros(z.shape[:1], z.dtype)
     for t in range(self.depth):
       z, ld = IAFStep(self.kind, tuple(self.hidden), self.learnt_sigma, reverse=bool(t % 2), kernel_size=self.kernel_size,
-                      weight_norm=self.weight_norm, name=f"step_{t}")(z, context)
+                      weight_norm=self.weight_norm, name=f"step_{t}")(z, context, context_repeats)
       log_det = log_det + ld
     return z, log_det

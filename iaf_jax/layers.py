@@ -68,9 +68,21 @@ class MaskedDense(nn.Module):
   use_bias: bool = True
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    shape = (x.shape[-1], self.features)
-    return _weight_normed(self, x, shape, lambda a, w: a @ w, self.mask, self.weight_norm, self.data_init,
+  def __call__(self, x: jax.Array, shared: Optional[jax.Array] = None, repeats: int = 1) -> jax.Array:
+    """x [N, n] -> [N, features]. With `shared` [N / repeats, c] the input is concat([x, tile(shared)]) (the
+    kernel's last c rows are shared's), tile being objectives.tile_samples' sample-major layout: shared's rows
+    are multiplied once instead of `repeats` times (importance sampling: one IAF context per image, K samples)."""
+    if shared is None:
+      shape, linear, inputs = (x.shape[-1], self.features), (lambda a, w: a @ w), x
+    else:
+      if repeats < 1 or x.shape[0] != repeats * shared.shape[0]:
+        raise ValueError(f"MaskedDense: {x.shape[0]} rows are not {repeats} repeats of {shared.shape[0]} shared rows")
+      n = x.shape[-1]
+      shape, inputs = (n + shared.shape[-1], self.features), (x, shared)
+      def linear(a, w):
+        y = (a[1] @ w[n:])[None] + (a[0] @ w[:n]).reshape(repeats, -1, w.shape[-1])
+        return y.reshape(-1, w.shape[-1])
+    return _weight_normed(self, inputs, shape, linear, self.mask, self.weight_norm, self.data_init,
                           self.init_scale, self.use_bias, scale_output=True)
 
 

@@ -322,3 +322,35 @@ def test_explicit_grad_convolution_has_lax_values_and_gradients_also_inside_scan
   layer = MaskedConv2D(4, kernel, explicit_grads=True)
   p = layer.init(jax.random.PRNGKey(0), x)
   np.testing.assert_allclose(layer.apply(p, x), MaskedConv2D(4, kernel).apply(p, x), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- a shared input, multiplied once
+
+
+@pytest.mark.parametrize("weight_norm", [True, False])
+def test_dense_with_shared_rows_is_the_dense_of_the_tiled_input(weight_norm):
+  """MaskedDense(x, shared, repeats): the layer of concat([x, tile_samples(shared, repeats)]) (the same kernel,
+  the same values and parameter gradients), with shared's rows multiplied once."""
+  from iaf_jax.objectives import tile_samples
+  repeats, n_shared = 3, 4
+  layer = MaskedDense(8, mask=made_mask(), weight_norm=weight_norm)
+  full = dense_input(n=repeats * n_shared)                 # [12, 6]: 4 latent columns, then 2 context columns
+  shared = full[:n_shared, 4:]
+  x = full[:, :4]
+  tiled = np.concatenate([x, np.asarray(tile_samples(shared, repeats))], axis=-1)
+  params = random_params(layer, tiled, seed=9)
+  split_shapes = jax.eval_shape(lambda k, a, b: layer.init(k, a, b, repeats), RNG_KEY, x, shared)
+  assert jax.tree_util.tree_map(np.shape, split_shapes) == jax.tree_util.tree_map(np.shape, params)
+  np.testing.assert_allclose(layer.apply(params, x, shared, repeats), layer.apply(params, tiled), rtol=1e-5, atol=1e-4)
+  g_split = jax.grad(lambda p: jnp.sum(jnp.sin(layer.apply(p, x, shared, repeats))))(params)
+  g_tiled = jax.grad(lambda p: jnp.sum(jnp.sin(layer.apply(p, tiled))))(params)
+  for a, b in zip(jax.tree_util.tree_leaves(g_split), jax.tree_util.tree_leaves(g_tiled)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  # Data-dependent init sees the same outputs, so it sets the same scales and biases.
+  if weight_norm:
+    p_split = layer.init(RNG_KEY, x, shared, repeats)["params"]
+    p_tiled = layer.init(RNG_KEY, tiled)["params"]
+    for name in ("scale", "bias"):
+      np.testing.assert_allclose(p_split[name], p_tiled[name], rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="repeats"):
+    layer.apply(params, x, shared, repeats + 1)

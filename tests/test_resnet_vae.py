@@ -531,3 +531,20 @@ def test_run_saved_unrolled_resumes_unrolled_under_the_scanned_default(tmp_path)
   # A change of the model itself is still refused.
   with pytest.raises(config_lib.ConfigError, match="model.h_size"):
     train_lib.train_and_evaluate(config(6, h_size=16), workdir)
+
+
+def test_top_rung_head_runs_once_per_pass_and_rows_stay_independent(tiny):
+  """h_top is the same for every row, so the top rung's head convolution runs at batch 1 (once per pass, not
+  once per row), and each row's terms are what that row gives alone."""
+  model, params, x = tiny
+  zs, _ = model.apply(params, x, rkey(3), method=ResNetVAE.posterior_sample)
+  log_pz = model.apply(params, zs, method=ResNetVAE.log_prior)
+  log_px = model.apply(params, x, zs, method=ResNetVAE.log_likelihood)
+  for i in (0, 5):
+    one = [z[i:i + 1] for z in zs]
+    np.testing.assert_allclose(model.apply(params, one, method=ResNetVAE.log_prior), log_pz[i:i + 1], rtol=1e-5)
+    np.testing.assert_allclose(model.apply(params, x[i:i + 1], one, method=ResNetVAE.log_likelihood),
+                               log_px[i:i + 1], rtol=1e-5)
+  jaxpr = jax.make_jaxpr(lambda p: model.apply(p, x, rkey(4)))(params)
+  conv_batches = [e.invars[0].aval.shape[0] for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+  assert conv_batches.count(1) == 1 and all(b in (1, x.shape[0]) for b in conv_batches), conv_batches

@@ -193,12 +193,13 @@ class MnistVAE(nn.Module):
     context = h if self.enc_context is None else nn.elu(self.enc_context(h))
     return mean, raw_log_std + self.initial_log_std, context
 
-  def posterior_sample_from_encoding(self, encoding, key):
-    """z_T ~ q(z|x) and log q(z_T|x) (Equation 10)."""
+  def posterior_sample_from_encoding(self, encoding, key, context_repeats: int = 1):
+    """z_T ~ q(z|x) and log q(z_T|x) (Equation 10). `context_repeats` r: mean and log_std have r sample-major
+    copies of h's rows (objectives.tile_samples), and the flow multiplies each h once."""
     mean, log_std, h = encoding
     z0 = dist.diag_gaussian_sample(key, mean, log_std)
     log_q0 = dist.diag_gaussian_log_prob(z0, mean, log_std)
-    z, log_det = self.flow(z0, h)
+    z, log_det = self.flow(z0, h, context_repeats)
     return z, log_q0 - log_det
 
   def posterior_sample(self, x, key):
@@ -247,7 +248,7 @@ class MnistVAE(nn.Module):
     """[num_samples, B] importance log weights; the encoder runs once, the K samples go through as one batch."""
     mean, log_std, h = self.encode(x)
     tile = lambda a: objectives.tile_samples(a, num_samples)
-    z, log_q = self.posterior_sample_from_encoding((tile(mean), tile(log_std), tile(h)), key)
+    z, log_q = self.posterior_sample_from_encoding((tile(mean), tile(log_std), h), key, num_samples)
     log_w = self.log_likelihood(tile(x), z) + self.log_prior(z) - log_q
     return log_w.reshape(num_samples, x.shape[0])
 

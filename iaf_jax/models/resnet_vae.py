@@ -197,6 +197,8 @@ class Rung(nn.Module):
     return jnp.split(t, [z, 2 * z, 3 * z, 4 * z, 4 * z + h], axis=-1)
 
   def _output(self, x, z, h_det):
+    # The top rung's x (and so its head) has batch 1 (ResNetVAE._top_down); z has the pass's batch.
+    h_det = jnp.broadcast_to(h_det, z.shape[:1] + h_det.shape[1:])
     hid = self.down_conv2(nn.elu(jnp.concatenate([z, h_det], axis=-1)))
     if self.downsample:
       x = nearest_upsample(x)
@@ -335,8 +337,10 @@ class ResNetVAE(nn.Module):
   def _top_down(self, method: str, *per_rung):
     """The generative pass from the learned top vector down: (last feature map, [RungOutput] bottom-up)."""
     top_h, top_w, _ = self.latent_shapes()[-1]
-    batch = per_rung[0][0].shape[0]
-    h = jnp.broadcast_to(self.h_top, (batch, top_h, top_w, self.h_size))
+    # h_top is the same for every row, and so is the top rung's head conv of it: it enters at batch 1 and
+    # meets the pass's batch only where per-row values (noise, the bottom-up pass) come in, so that conv runs
+    # once per pass, not once per row (forward and backward).
+    h = jnp.broadcast_to(self.h_top, (1, top_h, top_w, self.h_size))
     return self._rung_pass(method, h, per_rung, reverse=True)
 
   def top_down_posterior(self, ups, key: jax.Array):
