@@ -4,6 +4,7 @@ The end-to-end test runs the bench as a subprocess with --quick on one tiny MNIS
 checks the bench's bookkeeping, not the speed of the code, so the subprocess compiles at LLVM optimisation level
 0 (the same HLO and so the same cost analysis, compiled several times faster).
 """
+import functools
 import json
 import math
 import os
@@ -162,3 +163,28 @@ def test_cost_flops_dict_or_list():
   assert bench.cost_flops(_FakeCompiled([{"flops": 7.0}])) == 7.0
   assert bench.cost_flops(_FakeCompiled([{}, {"flops": 5.0}])) == 5.0
   assert bench.cost_flops(_FakeCompiled(None)) == 0.0
+
+
+def test_loop_flops_missed_by_xla_counts_every_scan_iteration():
+  """XLA's cost analysis counts a loop's body once; loop_flops_missed_by_xla adds the iterations after the
+  first (dots and convolutions, from the jaxpr), so a scanned program and its unrolled twin count alike."""
+  import jax.numpy as jnp
+  m, n, k, length = 8, 16, 32, 5
+  a, w = jnp.ones((m, k)), jnp.ones((length, k, n))
+  ws = jnp.ones((length, k, k))
+  assert bench.loop_flops_missed_by_xla(lambda a, w: a @ w[0], a, w) == 0.0
+  scanned = lambda a, ws: jax.lax.scan(lambda c, wi: (c @ wi, None), a, ws)[0]
+  assert bench.loop_flops_missed_by_xla(scanned, a, ws) == (length - 1) * 2 * m * k * k
+  unrolled = lambda a, ws: functools.reduce(lambda c, i: c @ ws[i], range(length), a)
+  xla = lambda f: bench.cost_flops(jax.jit(f).lower(a, ws).compile())
+  assert xla(unrolled) == pytest.approx(length * 2 * m * k * k, rel=0.01)
+  assert xla(scanned) + bench.loop_flops_missed_by_xla(scanned, a, ws) == pytest.approx(xla(unrolled), rel=0.01)
+  # A 3x3 convolution inside a scan, and a shard_map body counted once per device.
+  x, kern = jnp.ones((2, 6, 6, 3)), jnp.ones((4, 3, 3, 3, 3))
+  conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  conv_scan = lambda x, ks: jax.lax.scan(lambda c, ki: (conv(c, ki), None), x, ks)[0]
+  assert bench.loop_flops_missed_by_xla(conv_scan, x, kern) == 3 * 2 * (2 * 6 * 6 * 3) * (3 * 3 * 3)
+  mesh = jax.sharding.Mesh(jax.devices()[:1], ("data",))
+  P = jax.sharding.PartitionSpec
+  sharded = jax.shard_map(scanned, mesh=mesh, in_specs=(P("data"), P()), out_specs=P("data"))
+  assert bench.loop_flops_missed_by_xla(sharded, a, ws) == (length - 1) * 2 * m * k * k
