@@ -10,15 +10,25 @@
 # some machines of this class the speed drifts by 30% between minutes (an AVX2 one, 2026-12-05: the bench's matmul
 # ceiling 121 and 165 GFLOP/s four minutes apart). Ours on DEVICES (default 1) devices. Prints each round's ratios
 # and their medians, and writes them to OUT_DIR/interleaved.json.
+# CORE=N pins both to CPU core N with one thread each (the reference THREADS=1, ours one XLA thread on one device):
+# the same resources for both while the other core is busy (a training), or to compare per core.
 set -eu
 out=${1:-runs/speed}; mkdir -p "$out"
 A=${ANCHOR:-${XDG_CACHE_HOME:-$HOME/.cache}/iaf-anchors}
 py=${PYTHON:-.venv/bin/python}
+pin=() threads=2
+if [ -n "${CORE:-}" ]; then
+  [ -n "${DEVICES:-}" ] && [ "${DEVICES}" != 1 ] && { echo "speed_vs_reference.sh: CORE runs ours on 1 device" >&2; exit 2; }
+  pin=(taskset -c "$CORE") threads=1 DEVICES=1
+  export XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1 ${XLA_FLAGS:-}"
+fi
 reference() {  # reference N_IAF WIDTH: one JSON line
-  SEED_TORCH=$A/seed-torch THREADS=2 "$A/torch-venv/bin/python" ../shared/reference/seed_torch_bench.py "$1" "$2" 64
+  SEED_TORCH=$A/seed-torch THREADS=$threads "${pin[@]}" "$A/torch-venv/bin/python" ../shared/reference/seed_torch_bench.py \
+    "$1" "$2" 64
 }
 ours() {  # ours BENCH_FLAGS...: the bench at the reference's batch, on DEVICES devices
-  "$py" -m iaf_jax.experiments.bench --batch 64 --repeats 5 --steps 10 --no_sampling --devices "${DEVICES:-1}" "$@"
+  "${pin[@]}" "$py" -m iaf_jax.experiments.bench --batch 64 --repeats 5 --steps 10 --no_sampling \
+    --devices "${DEVICES:-1}" "$@"
 }
 if [ -n "${ROUNDS:-}" ]; then
   configs=${CONFIGS:-mnist:diag,mnist:iaf_d2_w320,mnist:iaf_d8_w1920}

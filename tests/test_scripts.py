@@ -40,3 +40,19 @@ def test_dot_shapes_times_the_step_matmuls_against_the_ceiling(capsys, monkeypat
   result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert [r["op"] for r in result["rows"]] == ["ceiling n^3", "forward x @ W", "dX = g @ W^T", "dW = x^T @ g"]
   assert all(r["xla_gflops"] > 0 and r["numpy_gflops"] > 0 for r in result["rows"])
+
+
+def test_step_page_faults_counts_the_faults_of_fresh_temporaries(monkeypatch, capsys):
+  """The script runs end to end on a tiny model and reports positive step times and, per step, a whole number of
+  faults no larger than the step's temporaries could take (a fault per 4 KiB page of a few MB at most)."""
+  import sys
+  spf = _load("step_page_faults")
+  tiny = ["model.channels=(4, 8)", "model.strides=(2, 2)", "model.hidden_dim=16", "model.latent_dim=4",
+          "model.iaf_width=16", "model.context_dim=8"]
+  monkeypatch.setattr(sys, "argv", ["step_page_faults.py", "--config", os.path.join(ROOT, "configs/mnist.py:iaf_d2_w320"),
+                                    "--batch", "4", "--steps", "2", "--rounds", "2"]
+                      + [a for o in tiny for a in ("--override", o)])
+  rows = spf.main()
+  assert [r["round"] for r in rows] == [1, 2]
+  assert all(r["ms_per_step"] > 0 and 0 <= r["minor_faults_per_step"] < 10_000 for r in rows)
+  assert capsys.readouterr().out.count("minor faults/step") == 2
