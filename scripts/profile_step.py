@@ -80,21 +80,26 @@ def setup(config_path: str, overrides, batch: int):
   return config, model, optimizer, state, jax.device_put(images), max_value
 
 
+def run_steps(step, state, batch, steps: int):
+  """`steps` calls of the update step, waited for: (state, wall ms per call)."""
+  import jax
+
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    state, m = step(state, batch)
+  jax.block_until_ready(m)
+  return state, 1e3 * (time.perf_counter() - t0) / steps
+
+
 def trace_steps(step, state, batch, steps: int, out: str):
   """Warm `step` up, then trace `steps` calls under jax.profiler into `out`: (state, wall ms per call, the
   trace's XLA op events)."""
   import jax
 
-  for _ in range(3):  # compile and warm up
-    state, m = step(state, batch)
-  jax.block_until_ready(m)
+  state, _ = run_steps(step, state, batch, 3)  # compile and warm up
   os.makedirs(out, exist_ok=True)
   jax.profiler.start_trace(out, create_perfetto_trace=True)
-  t0 = time.perf_counter()
-  for _ in range(steps):
-    state, m = step(state, batch)
-  jax.block_until_ready(m)
-  wall_ms = 1e3 * (time.perf_counter() - t0) / steps
+  state, wall_ms = run_steps(step, state, batch, steps)
   jax.profiler.stop_trace()
   return state, wall_ms, xla_op_events(out)
 
@@ -144,7 +149,7 @@ def main():
 
 if __name__ == "__main__":
   from iaf_jax import hostenv
-  # The host environment train.py runs in (glibc malloc on huge pages): without it each step also pays ~50,000
-  # page faults on XLA's fresh temporary buffers, and the fusions writing them look several times slower.
+  # The host environment train.py runs in (glibc malloc on huge pages): without it each step also pays up to
+  # ~50,000 page faults (IAF 8/1920) on XLA's fresh temporary buffers, and the fusions writing them look slower.
   hostenv.reexec_with_host_env()
   main()

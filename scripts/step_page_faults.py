@@ -15,7 +15,6 @@ import argparse
 import os
 import resource
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -30,24 +29,17 @@ def main():
   p.add_argument("--override", action="append", default=[], help="section.field=value")
   args = p.parse_args()
 
-  import jax
-
   from iaf_jax import train_lib
-  from profile_step import setup
+  from profile_step import run_steps, setup
 
   config, model, optimizer, state, batch, max_value = setup(args.config, args.override, args.batch)
   step = train_lib.make_update_step(model, optimizer, config, max_value)
-  for _ in range(3):  # compile and warm up
-    state, m = step(state, batch)
-  jax.block_until_ready(m)
+  state, _ = run_steps(step, state, batch, 3)  # compile and warm up
   env = {k: os.environ[k] for k in ("GLIBC_TUNABLES", "LD_PRELOAD") if k in os.environ}
   rows = []
   for r in range(args.rounds):
-    faults0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
-    for _ in range(args.steps):
-      state, m = step(state, batch)
-    jax.block_until_ready(m)
-    ms = 1e3 * (time.perf_counter() - t0) / args.steps
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    state, ms = run_steps(step, state, batch, args.steps)
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / args.steps
     rows.append({"round": r + 1, "ms_per_step": ms, "minor_faults_per_step": faults})
     print(f"{args.config} batch {args.batch} round {r + 1}: {ms:.1f} ms/step, {faults:.0f} minor faults/step  "

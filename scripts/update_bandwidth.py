@@ -112,7 +112,5 @@ def main():
 
 if __name__ == "__main__":
   from iaf_jax import hostenv
-  # The host environment train.py runs in (glibc malloc on huge pages): without it each step also pays ~50,000
-  # page faults on XLA's fresh temporary buffers, and the fusions writing them look several times slower.
-  hostenv.reexec_with_host_env()
+  hostenv.reexec_with_host_env()  # as train.py: glibc malloc on huge pages (scripts/profile_step.py says why)
   main()

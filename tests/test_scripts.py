@@ -43,8 +43,8 @@ def test_dot_shapes_times_the_step_matmuls_against_the_ceiling(capsys, monkeypat
 
 
 def test_step_page_faults_counts_the_faults_of_fresh_temporaries(monkeypatch, capsys):
-  """The script runs end to end on a tiny model and reports positive step times and, per step, a whole number of
-  faults no larger than the step's temporaries could take (a fault per 4 KiB page of a few MB at most)."""
+  """The script runs end to end on a tiny model and reports, per round, a positive step time and a mean number of
+  faults per step no larger than the step's temporaries could take (a fault per 4 KiB page of a few MB at most)."""
   import sys
   spf = _load("step_page_faults")
   tiny = ["model.channels=(4, 8)", "model.strides=(2, 2)", "model.hidden_dim=16", "model.latent_dim=4",
