@@ -56,3 +56,25 @@ def test_step_page_faults_counts_the_faults_of_fresh_temporaries(monkeypatch, ca
   assert [r["round"] for r in rows] == [1, 2]
   assert all(r["ms_per_step"] > 0 and 0 <= r["minor_faults_per_step"] < 10_000 for r in rows)
   assert capsys.readouterr().out.count("minor faults/step") == 2
+
+
+def test_interleaved_steps_compiles_a_variant_with_xla_options_to_the_same_step(monkeypatch):
+  """A variant with XLA compiler options is the same update step compiled differently: after the same warm-up
+  steps its loss equals the plain variant's (to float rounding); a comma-separated option value stays whole; an
+  option XLA does not know is a one-line error."""
+  import sys
+
+  import pytest
+  ils = _load("interleaved_steps")
+  assert ils.parse_variant("model.x=1,xla:opt=A,B,xla:flag=false,xla:n=128") == (
+      ["model.x=1"], {"opt": "A,B", "flag": False, "n": 128})
+  tiny = "model.channels=(4, 8),model.strides=(2, 2),model.hidden_dim=16,model.latent_dim=4"
+  argv = ["interleaved_steps.py", "--config", os.path.join(ROOT, "configs/mnist.py:diag"), "--batch", "4",
+          "--steps", "1", "--rounds", "1"]
+  monkeypatch.setattr(sys, "argv", argv + ["--variant", tiny, "--variant", tiny + ",xla:xla_cpu_use_xnnpack=false"])
+  rows = ils.main()
+  assert len(rows) == 2 and all(r["median_img_per_s"] > 0 for r in rows)
+  assert abs(rows[0]["loss_after_warmup"] - rows[1]["loss_after_warmup"]) <= 1e-4 * abs(rows[0]["loss_after_warmup"])
+  monkeypatch.setattr(sys, "argv", argv + ["--variant", tiny + ",xla:xla_cpu_no_such_option=1"])
+  with pytest.raises(SystemExit, match="XLA refused"):
+    ils.main()
