@@ -262,6 +262,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   valid = ds.valid[:config.eval.valid_examples]
   metrics_path = workdir_lib.metrics_path(workdir)
 
+  validate = lambda st: validation_neg_elbo(eval_fn, st.ema_params, valid, mesh, config.eval.batch_size,
+                                            config.seed)
+
+  def report_validation(st, step_now, v, **extra):
+    lr = float(st.opt_state.hyperparams["learning_rate"])
+    if jax.process_index() == 0:
+      _append_jsonl(metrics_path, {"step": step_now, "valid_neg_elbo": v, "best_valid_neg_elbo": policy.best_valid,
+                                   "lr": lr, "wall_time": elapsed(), **extra})
+      sys.stderr.write(f"\nstep {step_now}: validation -ELBO {v:.3f} (best {policy.best_valid:.3f}), lr {lr:g}"
+                       f"{' (the run ends here)' if extra.get('closing') else ''}\n")
+
   stop = _StopFlag()
   old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
   pending: list = []
@@ -312,17 +323,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
               f"(step {step}); stopped. The last good checkpoint in {workdir} is intact.")
 
       evaluated_best = False
-      if tc.eval_every and len(valid) and step % tc.eval_every == 0:
-        v = validation_neg_elbo(eval_fn, state.ema_params, valid, mesh, config.eval.batch_size, config.seed)
+      regular_eval = bool(tc.eval_every and len(valid) and step % tc.eval_every == 0)
+      if regular_eval:
+        v = validate(state)
         now = elapsed()
         decision = policy.update(v)
         if decision.annealed:
           state = scheduled(state, step)
-        lr = float(state.opt_state.hyperparams["learning_rate"])
-        if jax.process_index() == 0:
-          _append_jsonl(metrics_path, {"step": step, "valid_neg_elbo": v, "best_valid_neg_elbo": policy.best_valid,
-                                       "lr": lr})
-          sys.stderr.write(f"\nstep {step}: validation -ELBO {v:.3f} (best {policy.best_valid:.3f}), lr {lr:g}\n")
+        report_validation(state, step, v)
         if decision.improved:
           save(state, best=True, wall=now)
           evaluated_best = True
@@ -332,6 +340,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
       if not evaluated_best:
         now = elapsed()
+      # The closing evaluation: a run that ends on num_steps or its budget between two regular evaluations
+      # would leave its last steps out of the best checkpoint, the one evaluate.py and budget_run.sh use. It
+      # comes before this step's checkpoint, so that the checkpoint's meta holds its best_valid.
+      if (tc.eval_every and len(valid) and not regular_eval and stop.signal is None
+          and (step >= tc.num_steps or (budget_s and now >= budget_s))):
+        v = validate(state)
+        improved = policy.update_at_end(v)
+        report_validation(state, step, v, closing=True)
+        if improved:
+          save(state, best=True, wall=now)
+          evaluated_best = True
       if step % tc.checkpoint_every == 0 and not evaluated_best:
         save(state, wall=now)
   finally:

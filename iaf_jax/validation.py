@@ -54,13 +54,23 @@ class ValidationPolicy:
 
   def update(self, valid_value: float) -> Decision:
     """Takes one validation -ELBO (lower is better) and says what the loop must do."""
-    improved = self.best_valid is None or valid_value < self.best_valid
-    if improved:
-      self.best_valid, self.bad_evals = valid_value, 0
-    else:
+    improved = self._keep_if_best(valid_value)
+    if not improved:
       self.bad_evals += 1
     annealed = bool(not improved and self.lr_plateau_patience and self.bad_evals % self.lr_plateau_patience == 0
                     and self.lr_base > self.min_learning_rate)
     if annealed:
       self.lr_base = max(self.lr_base * self.lr_plateau_factor, self.min_learning_rate)
     return Decision(improved=improved, annealed=annealed, stop=self.patience_spent)
+
+  def update_at_end(self, valid_value: float) -> bool:
+    """The closing evaluation of a run that ends (num_steps or time budget) between two regular ones; True when
+    it is a new best, which the loop saves. A worse value neither counts toward early stopping nor anneals: no
+    training follows it in this run."""
+    return self._keep_if_best(valid_value)
+
+  def _keep_if_best(self, valid_value: float) -> bool:
+    improved = self.best_valid is None or valid_value < self.best_valid
+    if improved:
+      self.best_valid, self.bad_evals = valid_value, 0
+    return improved

@@ -92,12 +92,15 @@ def test_collapse_figures_and_json(mnist_2d, resnet, tmp_path):
   r = figures.make_figure("collapse", workdir=mnist_2d, out=str(tmp_path / "m" / "c.png"), max_examples=40,
                           checkpoint=LATEST)
   _check_png(r["path"], _expected_px("collapse"))
-  d = json.load(open(tmp_path / "m" / "collapse_test.json"))
+  d = json.load(open(tmp_path / "m" / "c.json"))   # named after its PNG
   assert len(d["kl_per_dim"]) == 2 and d["num_latent_units"] == 2 and 0 <= d["active_units"] <= 2
-  r = figures.make_figure("collapse", workdir=resnet, out=str(tmp_path / "r" / "c.png"), samples=4,
+  r = figures.make_figure("collapse", workdir=resnet, out=str(tmp_path / "m" / "r.png"), samples=4,
                           checkpoint=LATEST)
   _check_png(r["path"], _expected_px("collapse"))
   d = r["diagnostics"]
+  # a second plot in the same folder keeps its own numbers and leaves the first's
+  assert json.load(open(tmp_path / "m" / "r.json"))["kl_per_rung"] == d["kl_per_rung"]
+  assert "kl_per_dim" in json.load(open(tmp_path / "m" / "c.json"))
   # 8x8 images, input stride 2: rung 0 is a 4x4x2 map, rung 1 (the second level) 2x2x2
   assert d["latent_units_per_rung"] == [32, 8] and d["num_latent_units"] == 40
   assert d["num_latent_channels"] == 4 and 0 <= d["active_units"] <= 40
@@ -230,11 +233,13 @@ def test_wallclock_curve_reads_validation_records_at_their_training_wall_time(tm
     for step in (100, 200, 300):
       recs.append({"step": step, "neg_elbo": 100.0, "wall_time": 60.0 * step / 100})
       recs.append({"step": step, "valid_neg_elbo": 95.0 - step / 100 + offset})
+    if name == "a":   # a closing validation between logging steps: placed at its own wall time
+      recs.append({"step": 350, "valid_neg_elbo": 91.5, "wall_time": 215.0, "closing": True})
     (w / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     runs.append(str(w))
   r = figures.make_figure("wallclock", workdirs=runs, out=str(tmp_path / "wc.png"))
   _check_png(r["path"], _expected_px("wallclock", 2))
-  assert r["final_valid_neg_elbo"] == {"a": 92.0, "b": 94.0}
+  assert r["final_valid_neg_elbo"] == {"a": 91.5, "b": 94.0}
   empty = tmp_path / "empty"
   empty.mkdir()
   (empty / "metrics.jsonl").write_text(json.dumps({"step": 1, "neg_elbo": 1.0, "wall_time": 1.0}) + "\n")

@@ -225,6 +225,41 @@ def test_time_budget_stops_the_run_and_a_rerun_stays_stopped(tmp_path):
   assert again["step"] == summary["step"]  # spent: nothing more is trained, the checkpoint is the same
 
 
+def _validations(workdir):
+  return [r for r in _records(workdir) if "valid_neg_elbo" in r]
+
+
+def test_a_run_ending_between_evaluations_validates_its_last_step_first(tmp_path):
+  """num_steps 10 with evaluations every 4: the last 2 steps are validated before the run ends, the best
+  checkpoint is the lowest of all its validations, and a run extended to 12 goes on from that best value."""
+  workdir = str(tmp_path / "ends")
+  overrides = {"train.eval_every": 4, "train.checkpoint_every": 4}
+  train_lib.train_and_evaluate(tiny_config(**overrides, **{"train.num_steps": 10}), workdir)
+  vals = _validations(workdir)
+  assert [r["step"] for r in vals] == [4, 8, 10] and vals[-1].get("closing") and not vals[0].get("closing")
+  best_step = min(vals, key=lambda r: r["valid_neg_elbo"])["step"]
+  assert eval_lib.load_run(workdir, "best").step == best_step
+  assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")))[-1] == 10
+  train_lib.train_and_evaluate(tiny_config(**overrides, **{"train.num_steps": 12}), workdir)
+  vals = _validations(workdir)
+  assert [r["step"] for r in vals] == [4, 8, 10, 12] and not vals[-1].get("closing")  # 12: a regular one
+  assert vals[-1]["best_valid_neg_elbo"] == min(r["valid_neg_elbo"] for r in vals)
+
+
+def test_a_run_ending_on_its_time_budget_validates_its_last_step_once(tmp_path):
+  workdir = str(tmp_path / "budget")
+  cfg = tiny_config(**{"train.num_steps": 100_000, "train.time_budget_minutes": 0.05, "train.eval_every": 50_000,
+                       "train.checkpoint_every": 1000})
+  summary = train_lib.train_and_evaluate(cfg, workdir)
+  assert summary["reason"].startswith("time budget")
+  vals = _validations(workdir)
+  assert [(r["step"], r.get("closing")) for r in vals] == [(summary["step"], True)]
+  assert summary["best_valid_neg_elbo"] == vals[0]["valid_neg_elbo"]
+  assert eval_lib.load_run(workdir, "best").step == summary["step"]
+  again = train_lib.train_and_evaluate(cfg, workdir)   # spent: no step, and no second evaluation of the last
+  assert again["step"] == summary["step"] and len(_validations(workdir)) == 1
+
+
 def test_cosine_schedule_decays_from_base_to_min():
   lrs = [optim.scheduled_learning_rate("cosine", 0.004, p, 1e-5) for p in np.linspace(0, 1, 11)]
   assert lrs[0] == pytest.approx(0.004) and lrs[-1] == pytest.approx(1e-5)

@@ -62,3 +62,14 @@ def test_state_round_trips_through_the_checkpoint_meta():
   assert resumed.update(12.0).stop and resumed.patience_spent
   # A run stopped early stays stopped when resumed: the check needs no new evaluation.
   assert ValidationPolicy.from_config(train, dict(saved, bad_evals=2)).patience_spent
+
+
+def test_the_closing_evaluation_keeps_a_new_best_and_otherwise_changes_nothing():
+  p = _policy(early=2, plateau=1, lr=1e-3)
+  p.update(90.0)
+  p.update(91.0)   # one bad evaluation: annealed once
+  state = p.meta()
+  assert not p.update_at_end(95.0)
+  assert p.meta() == state and not p.patience_spent   # neither annealed nor a step toward stopping
+  assert p.update_at_end(80.0)
+  assert (p.best_valid, p.bad_evals) == (80.0, 0)

@@ -417,7 +417,8 @@ def fig_samples(runs, out: str, *, num: int = 64, seed: int = 0, dpi: int = DPI)
 def fig_collapse(run, out: str, *, max_examples: int = 1000, samples: int = 16, split: str = "test",
                  seed: int = 0, dpi: int = DPI) -> dict:
   """KL per latent unit and active units (iaf_jax/diagnostics.py) on a fixed random subset (data.fixed_subset)
-  of `max_examples` examples of `split`, as bars; the numbers also go to collapse_<split>.json beside the PNG.
+  of `max_examples` examples of `split`, as bars; the numbers also go to a JSON file named after the PNG (c.png ->
+  c.json), so that two plots in one folder keep their own.
 
   MNIST model: (a) KL per latent dimension, active units coloured; (b) the activity A_u with the 0.01 line.
   ResNet VAE: (a) KL per rung; (b) KL per rung and channel; (c) active fraction of each rung's latent units.
@@ -428,7 +429,7 @@ def fig_collapse(run, out: str, *, max_examples: int = 1000, samples: int = 16, 
   d = diagnostics.collapse_diagnostics(run.model, run.params, images, likelihood=run.config.model.likelihood,
                                        max_value=run.max_value, num_samples=samples, seed=seed)
   d.update(workdir=os.path.abspath(run.workdir), split=split, checkpoint_step=run.step)
-  json_path = os.path.join(os.path.dirname(os.path.abspath(out)), f"collapse_{split}.json")
+  json_path = os.path.splitext(os.path.abspath(out))[0] + ".json"
   config_lib.write_json_atomic(json_path, d)
   label = run_labels([run])[0]
   thr = d["active_units_threshold"]
@@ -486,7 +487,8 @@ def _save(fig, out, dpi, figure, extra):
 def fig_wallclock(workdirs: Sequence[str], out: str, *, dpi: int = DPI) -> dict:
   """Validation -ELBO (train_lib's single-sample ELBO of the EMA params on the validation examples) against
   training wall-clock minutes, one line per run: what a run buys in the time spent (issue #14's protocol).
-  The wall-clock of a validation record is that of the training record of the same step."""
+  The wall-clock of a validation record is that of the training record of the same step, or its own (a run's
+  closing validation can fall between logging steps)."""
   from iaf_jax import config_lib, plots
   plt = plots.pyplot()
   fig, ax = plt.subplots(figsize=figure_size("wallclock", len(workdirs)))
@@ -495,7 +497,8 @@ def fig_wallclock(workdirs: Sequence[str], out: str, *, dpi: int = DPI) -> dict:
   for i, w in enumerate(workdirs):
     recs = workdir_lib.read_metrics_records(w) or []
     wall = {r["step"]: r["wall_time"] for r in recs if "wall_time" in r and "neg_elbo" in r}
-    pts = [(wall[r["step"]] / 60.0, r["valid_neg_elbo"]) for r in recs if "valid_neg_elbo" in r and r["step"] in wall]
+    pts = [(wall.get(r["step"], r.get("wall_time")) / 60.0, r["valid_neg_elbo"]) for r in recs
+           if "valid_neg_elbo" in r and (r["step"] in wall or "wall_time" in r)]
     if not pts:
       raise _config_error(f"{w}: metrics.jsonl holds no validation record with a wall time")
     label = os.path.basename(os.path.normpath(w))
