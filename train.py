@@ -5,7 +5,7 @@ import sys
 from iaf_jax import hostenv
 
 if __name__ == "__main__":
-  hostenv.reexec_with_host_env()  # before JAX loads: glibc reads its malloc tunables only at process start
+  hostenv.reexec_with_host_env()  # before JAX loads: LD_PRELOAD and glibc tunables are read only at process start
 
 from absl import flags  # noqa: E402
 from ml_collections import config_flags

@@ -109,5 +109,5 @@ def main():
 
 if __name__ == "__main__":
   from iaf_jax import hostenv
-  hostenv.reexec_with_host_env()  # as train.py: glibc malloc on huge pages (scripts/profile_step.py says why)
+  hostenv.reexec_with_host_env()  # as train.py: its malloc (hostenv.host_env; scripts/profile_step.py says why)
   main()

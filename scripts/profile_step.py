@@ -149,7 +149,7 @@ def main():
 
 if __name__ == "__main__":
   from iaf_jax import hostenv
-  # The host environment train.py runs in (glibc malloc on huge pages): without it each step also pays up to
+  # The host environment train.py runs in (tcmalloc, else glibc malloc on huge pages): without it each step pays up to
   # ~50,000 page faults (IAF 8/1920) on XLA's fresh temporary buffers, and the fusions writing them look slower.
   hostenv.reexec_with_host_env()
   main()

@@ -50,6 +50,10 @@ def test_quick_bench_json(tmp_path):
   assert machine["num_devices"] >= 2 and "xla_force_host_platform_device_count=2" in machine["xla_flags"]
   if hostenv.hugepages_env(env_before) is not None:   # Linux, glibc, THP available: restarted with them
     assert hostenv.HUGEPAGES_TUNABLE in machine["glibc_tunables"]
+  # the allocator that the process really loaded: tcmalloc wherever it is installed and not switched off
+  if sys.platform.startswith("linux"):
+    off = env_before.get("IAF_JAX_MALLOC") == "glibc" or hostenv.find_tcmalloc() is None
+    assert machine["malloc"] == ("glibc" if off else "tcmalloc")
 
   rows = result["rows"]
   assert [(r["config"], r["batch"], r["devices"]) for r in rows] == [

@@ -231,6 +231,40 @@ def test_hugepages_env(monkeypatch):
   assert hostenv.hugepages_env({"IAF_JAX_HUGEPAGES": "0"}) is None
 
 
+def test_allocator_env_preloads_tcmalloc_where_found_and_keeps_the_users_preload():
+  found = lambda: "/x/libtcmalloc_minimal.so.4"
+  env = hostenv.allocator_env({"LD_PRELOAD": "/y/libfoo.so"}, find=found)
+  if not sys.platform.startswith("linux"):
+    assert env is None
+    return
+  assert env["LD_PRELOAD"] == "/x/libtcmalloc_minimal.so.4:/y/libfoo.so"
+  assert int(env["TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD"]) >= 1 << 40
+  assert hostenv.allocator_env(env, find=found) is None                     # preloaded: no second restart
+  assert hostenv.allocator_env({"IAF_JAX_MALLOC": "glibc"}, find=found) is None
+  assert hostenv.allocator_env({}, find=lambda: None) is None                # not installed: glibc, no error
+  with pytest.raises(SystemExit, match="IAF_JAX_MALLOC=tcmalloc, but no libtcmalloc_minimal.so.4"):
+    hostenv.allocator_env({"IAF_JAX_MALLOC": "tcmalloc"}, find=lambda: None)
+  with pytest.raises(SystemExit, match="must be auto, tcmalloc or glibc"):
+    hostenv.allocator_env({"IAF_JAX_MALLOC": "jemalloc"}, find=found)
+
+
+def test_a_restarted_entry_point_runs_on_the_allocator_host_env_names(tmp_path):
+  """The process that reexec_with_host_env starts has tcmalloc mapped exactly when it is installed (and only
+  then), and runs the same command line."""
+  script = tmp_path / "entry.py"
+  script.write_text("from iaf_jax import hostenv\nhostenv.reexec_with_host_env()\n"
+                    "import os\nprint(hostenv.malloc_in_use(), os.environ.get('IAF_JAX_PROBE'))\n")
+  env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "IAF_JAX_MALLOC")}
+  env.update(PYTHONPATH=REPO, IAF_JAX_PROBE="kept")
+  for mode in ("auto", "glibc"):
+    out = subprocess.run([sys.executable, str(script)], env=dict(env, IAF_JAX_MALLOC=mode), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    want = "tcmalloc" if mode == "auto" and hostenv.find_tcmalloc() and sys.platform.startswith("linux") else None
+    if sys.platform.startswith("linux"):
+      assert out.stdout.split() == [want or "glibc", "kept"], (mode, out.stdout)
+
+
 def test_cpu_devices_env(monkeypatch):
   flag = hostenv.CPU_DEVICES_FLAG
   env = hostenv.cpu_devices_env({"XLA_FLAGS": "--xla_cpu_enable_fast_min_max=false", "IAF_JAX_CPU_DEVICES": "3"})

@@ -29,8 +29,10 @@ N > 1 devices the update step runs as train_lib runs it: a 1-D 'data' mesh over 
 (global) batch sharded over it, the state replicated. On a CPU host extra devices must be requested before
 JAX starts: `python -m iaf_jax.experiments.bench --devices 1,2` restarts itself with
 XLA_FLAGS=--xla_force_host_platform_device_count=2 (both rows then run in that process, at the same global
-batch). It also restarts with glibc's malloc on transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1,
-see docs/performance.md; IAF_JAX_HUGEPAGES=0 turns that off). Called as a library (main(argv)) it does neither.
+batch). It also restarts with train.py's malloc: tcmalloc where installed (IAF_JAX_MALLOC=glibc turns that off),
+else glibc's on transparent huge pages (GLIBC_TUNABLES=glibc.malloc.hugetlb=1; IAF_JAX_HUGEPAGES=0 turns that
+off); see docs/performance.md. The JSON's machine.malloc says which ran. Called as a library (main(argv)) it
+does neither.
 
   analytic_train_flops_per_image   (rows of models with `analytic_flops`, the MNIST VAE) 3 x the forward
                                    multiply-adds x 2 of the architecture (analytic_forward_flops_per_image
@@ -479,6 +481,7 @@ def machine_record(args) -> dict:
   import flax
   import jax
   import jaxlib
+  from iaf_jax import hostenv
 
   devices = jax.devices()
   try:
@@ -492,7 +495,7 @@ def machine_record(args) -> dict:
       "cpus_usable": affinity, "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
       "jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+      "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "malloc": hostenv.malloc_in_use(),
       # A persistent compilation cache turns compile_s into the time to load a cached executable.
       "compilation_cache_dir": jax.config.jax_compilation_cache_dir or "",
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -581,10 +584,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 def _command_line_environment(argv: Sequence[str]) -> Optional[dict]:
   """For `python -m iaf_jax.experiments.bench`: the environment to restart in, or None. On a CPU host with fewer devices
   than --devices asks for, XLA_FLAGS gets --xla_force_host_platform_device_count (it must be set before JAX
-  starts); glibc's malloc gets transparent huge pages (hostenv.hugepages_env; IAF_JAX_HUGEPAGES=0: off)."""
+  starts); malloc is tcmalloc where installed, else glibc's on transparent huge pages (hostenv.host_env, as
+  train.py)."""
   from iaf_jax import hostenv
 
-  env = hostenv.hugepages_env() or dict(os.environ)
+  env = hostenv.host_env() or dict(os.environ)
   try:
     wanted = max(parse_args(argv).device_counts)
   except (BenchError, SystemExit):
