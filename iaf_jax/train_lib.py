@@ -262,6 +262,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   valid = ds.valid[:config.eval.valid_examples]
   metrics_path = workdir_lib.metrics_path(workdir)
 
+  validating = bool(tc.eval_every and len(valid))
   validate = lambda st: validation_neg_elbo(eval_fn, st.ema_params, valid, mesh, config.eval.batch_size,
                                             config.seed)
 
@@ -323,7 +324,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
               f"(step {step}); stopped. The last good checkpoint in {workdir} is intact.")
 
       evaluated_best = False
-      regular_eval = bool(tc.eval_every and len(valid) and step % tc.eval_every == 0)
+      regular_eval = validating and step % tc.eval_every == 0
       if regular_eval:
         v = validate(state)
         now = elapsed()
@@ -343,7 +344,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       # The closing evaluation: a run that ends on num_steps or its budget between two regular evaluations
       # would leave its last steps out of the best checkpoint, the one evaluate.py and budget_run.sh use. It
       # comes before this step's checkpoint, so that the checkpoint's meta holds its best_valid.
-      if (tc.eval_every and len(valid) and not regular_eval and stop.signal is None
+      if (validating and not regular_eval and stop.signal is None
           and (step >= tc.num_steps or (budget_s and now >= budget_s))):
         v = validate(state)
         improved = policy.update_at_end(v)
