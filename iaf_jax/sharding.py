@@ -7,6 +7,7 @@ import os
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -86,6 +87,18 @@ def replicate(tree, mesh: Mesh):
       return x  # already a global array (restored from a checkpoint with this sharding)
     return jax.make_array_from_process_local_data(sharding, np.asarray(jax.device_get(x)))
   return jax.tree_util.tree_map(put, tree)
+
+
+def max_over_processes(mesh: Mesh):
+  """A vote: int -> replicated int32 scalar, the largest value any process gave, dispatched asynchronously (one
+  small all-reduce over the mesh). Every process must vote the same number of times, in the same order."""
+  local_rows = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+  largest = jax.jit(jnp.max, out_shardings=replicated(mesh))
+
+  def vote(value: int) -> jax.Array:
+    return largest(jax.make_array_from_process_local_data(batch_sharded(mesh),
+                                                          np.full((local_rows,), value, np.int32)))
+  return vote
 
 
 def prefetch_batches(mesh: Mesh, images: np.ndarray, batch_size: int, first_step: int, seed: int,

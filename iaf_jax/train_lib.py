@@ -151,6 +151,29 @@ class _StopFlag:
     self.signal = signum
 
 
+class _AgreedEnding:
+  """Why the run ends after the current step (NONE, BUDGET or SIGNAL), the same on every process.
+
+  One process: its own view, at once. Several: a SIGTERM to one host, or a budget spent by one host's clock,
+  must stop every host after the same step; a host that stopped alone would wait in the checkpoint's barrier
+  while the others wait in the next step's all-reduce. So each step's local view is voted on (a max over the
+  processes, dispatched behind the step) and read `lag` steps later, when it has finished: no extra host sync."""
+  NONE, BUDGET, SIGNAL = 0, 1, 2
+
+  def __init__(self, mesh: Mesh, lag: int):
+    self._vote = sharding.max_over_processes(mesh) if jax.process_count() > 1 else None
+    self._lag, self._votes = lag, []
+
+  def at_start(self, local: int) -> int:
+    return local if self._vote is None else int(self._vote(local))
+
+  def after_step(self, local: int) -> int:
+    if self._vote is None:
+      return local
+    self._votes.append(self._vote(local))
+    return int(self._votes.pop(0)) if len(self._votes) > self._lag else self.NONE
+
+
 def _progress(step, total, t0, step0, batch, extra=""):
   rate = (step - step0) / max(time.time() - t0, 1e-9)
   width = 24
@@ -275,6 +298,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        f"{' (the run ends here)' if extra.get('closing') else ''}\n")
 
   stop = _StopFlag()
+  agreed = _AgreedEnding(mesh, lag=MAX_STEPS_IN_FLIGHT)
+  local_ending = lambda now: (_AgreedEnding.SIGNAL if stop.signal is not None else
+                              _AgreedEnding.BUDGET if budget_s and now >= budget_s else _AgreedEnding.NONE)
   old_handlers = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
   pending: list = []
   stop_reason = "num_steps"
@@ -288,12 +314,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   try:
     if tc.lr_schedule != "constant":
       state = scheduled(state, step)
-    now = elapsed()
+    ending = agreed.at_start(local_ending(elapsed()))
     while step < tc.num_steps and not stopped_early:
-      if stop.signal is not None:
-        stop_reason = f"signal {signal.Signals(stop.signal).name}"
+      if ending == _AgreedEnding.SIGNAL:
+        stop_reason = (f"signal {signal.Signals(stop.signal).name}" if stop.signal is not None
+                       else "a signal to another process")
         break
-      if budget_s and now >= budget_s:
+      if ending == _AgreedEnding.BUDGET:
         stop_reason = f"time budget of {tc.time_budget_minutes:g} minutes spent"
         break
       state, metrics = train_step(state, next(batches))
@@ -341,11 +368,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
       if not evaluated_best:
         now = elapsed()
+      ending = agreed.after_step(local_ending(now))
+      if ending == _AgreedEnding.BUDGET:
+        now = max(now, budget_s)  # a host whose clock lags still records the budget spent: a rerun trains no more
       # The closing evaluation: a run that ends on num_steps or its budget between two regular evaluations
       # would leave its last steps out of the best checkpoint, the one evaluate.py and budget_run.sh use. It
       # comes before this step's checkpoint, so that the checkpoint's meta holds its best_valid.
-      if (validating and not regular_eval and stop.signal is None
-          and (step >= tc.num_steps or (budget_s and now >= budget_s))):
+      if (validating and not regular_eval and ending != _AgreedEnding.SIGNAL
+          and (step >= tc.num_steps or ending == _AgreedEnding.BUDGET)):
         v = validate(state)
         improved = policy.update_at_end(v)
         report_validation(state, step, v, closing=True)

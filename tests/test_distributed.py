@@ -23,13 +23,24 @@ RUN = {"train.num_steps": 4, "train.log_every": 1, "train.eval_every": 4, "train
        "train.early_stopping_patience": 0, "train.lr_plateau_patience": 0}
 
 WORKER = r'''
-import json, sys
+import json, os, signal, sys
 from helpers import tiny_config
 from iaf_jax import hostenv, train_lib
 import jax
+if os.environ.get("KILL_AT_STEP"):  # this process sends itself SIGTERM during that update step
+  make = train_lib.make_update_step
+  def make_killing(*args, **kwargs):
+    step, calls = make(*args, **kwargs), [0]
+    def killing(state, images):
+      calls[0] += 1
+      if calls[0] == int(os.environ["KILL_AT_STEP"]):
+        os.kill(os.getpid(), signal.SIGTERM)
+      return step(state, images)
+    return killing
+  train_lib.make_update_step = make_killing
 summary = train_lib.train_and_evaluate(tiny_config(**json.loads(sys.argv[2])), sys.argv[1])
 print("RESULT " + json.dumps({"process": jax.process_index(), "processes": jax.process_count(),
-                              "devices": jax.device_count(), "step": summary["step"],
+                              "devices": jax.device_count(), "step": summary["step"], "reason": summary["reason"],
                               "losses": summary["train_losses"]}), flush=True)
 '''
 
@@ -101,6 +112,34 @@ def test_two_processes_match_one(tmp_path):
   assert [r["step"] for r in recs if "neg_elbo" in r] == [1, 2, 3, 4]
   assert sorted(int(s) for s in os.listdir(tmp_path / "two" / "checkpoints")) == [4]
   assert sorted(int(s) for s in os.listdir(tmp_path / "two" / "best")) == [4]
+
+
+def test_a_signal_to_one_process_stops_every_process_after_the_same_step(tmp_path):
+  """SIGTERM to process 1 alone, during its third step: both processes end after the same step (the vote is
+  read MAX_STEPS_IN_FLIGHT steps later), write that step's checkpoint together and exit cleanly; rerun, both
+  resume from it. (Stopping alone, process 1 would wait in the checkpoint's barrier and process 0 in the next
+  step's all-reduce: a hang.)"""
+  script = tmp_path / "worker.py"
+  script.write_text(WORKER)
+  run = {**RUN, "train.num_steps": 10, "train.eval_every": 0}
+  kill_at, lag = 3, train_lib.MAX_STEPS_IN_FLIGHT
+
+  def job(overrides, kill: bool) -> dict:
+    port = _free_port()
+    return _results({i: _start(str(script), str(tmp_path / "run"), {**overrides, "train.distributed": True},
+                               {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+                                "JAX_PROCESS_ID": str(i), **({"KILL_AT_STEP": str(kill_at)} if kill and i else {})})
+                     for i in range(2)}, timeout=150)
+
+  first = job(run, kill=True)
+  assert [first[i]["step"] for i in (0, 1)] == [kill_at + lag] * 2
+  assert first[1]["reason"] == "signal SIGTERM" and first[0]["reason"] == "a signal to another process"
+  assert sorted(int(s) for s in os.listdir(tmp_path / "run" / "checkpoints")) == [kill_at + lag]
+  again = job(run, kill=False)
+  for i in (0, 1):
+    assert again[i]["step"] == 10 and again[i]["reason"] == "num_steps"
+    assert [s for s, _ in again[i]["losses"]] == list(range(kill_at + lag + 1, 11))
+  assert again[0]["losses"] == again[1]["losses"]
 
 
 def test_update_step_compiles_once_and_batches_are_prefetched(tmp_path, monkeypatch):
