@@ -35,7 +35,17 @@ def vae_loss(terms: Mapping[str, jax.Array], free_bits: float = 0.0) -> tuple[ja
   kl = jnp.mean(terms["log_qz"] - terms["log_pz"])
   kl_term = free_bits_kl(terms["kl_per_group"], free_bits) if free_bits > 0 else kl
   loss = recon + kl_term
-  return loss, {"loss": loss, "neg_elbo": recon + kl, "recon": recon, "kl": kl}
+  return loss, dict({"loss": loss, "neg_elbo": recon + kl, "recon": recon, "kl": kl},
+                    **kl_per_group_metric(terms["kl_per_group"]))
+
+
+def kl_per_group_metric(kl_per_group) -> dict:
+  """{'kl_per_group': [G] minibatch means} for a model with several latent groups (the ResNet VAE's rungs, or
+  its rungs x channels with kl_groups 'channel'): the training log then shows when a group stops carrying
+  information (posterior collapse), without a diagnostic run. Nothing for a single group (it is 'kl')."""
+  if kl_per_group is None or kl_per_group.shape[1] == 1:
+    return {}
+  return {"kl_per_group": jnp.mean(kl_per_group, axis=0)}
 
 
 def tile_samples(a: jax.Array, num_samples: int) -> jax.Array:
@@ -76,7 +86,8 @@ def importance_weighted_loss(terms: Mapping[str, jax.Array], num_samples: int) -
   loss = -jnp.mean(log_mean_exp(log_w, axis=1))
   recon = -jnp.mean(terms["log_px_given_z"])
   kl = jnp.mean(terms["log_qz"] - terms["log_pz"])
-  return loss, {"loss": loss, "neg_elbo": recon + kl, "recon": recon, "kl": kl, "neg_iw_bound": loss}
+  return loss, dict({"loss": loss, "neg_elbo": recon + kl, "recon": recon, "kl": kl, "neg_iw_bound": loss},
+                    **kl_per_group_metric(terms.get("kl_per_group")))
 
 
 def importance_log_weights(log_weight_fn: Callable[[jax.Array, int], jax.Array], key: jax.Array,

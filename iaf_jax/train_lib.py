@@ -174,6 +174,12 @@ class _AgreedEnding:
     return int(self._votes.pop(0)) if len(self._votes) > self._lag else self.NONE
 
 
+def _interval_mean(values: list):
+  """A metric's mean over the logging interval: a float, or a list for a vector metric (kl_per_group)."""
+  mean = np.mean(np.stack(values), axis=0)
+  return float(mean) if mean.ndim == 0 else mean.tolist()
+
+
 def _progress(step, total, t0, step0, batch, extra=""):
   rate = (step - step0) / max(time.time() - t0, 1e-9)
   width = 24
@@ -335,7 +341,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         # The only host sync of the loop: metrics of the last log_every steps, averaged.
         host = jax.device_get(pending)
         pending = []
-        record = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+        record = {k: _interval_mean([m[k] for m in host]) for k in host[0]}
         train_losses.append((step, record["loss"]))
         record.update(step=step, lr=float(state.opt_state.hyperparams["learning_rate"]),
                       skipped_steps=int(state.num_nonfinite), wall_time=elapsed())

@@ -104,6 +104,12 @@ def test_resnet_vae_train_evaluate_sample_on_mock_cifar_with_two_devices(tmp_pat
            "--config.eval.batch_size=8", "--config.eval.chunk_size=4"]
   tr = run_cli("train.py", *flags, env=TWO_DEVICES)
   assert tr.returncode == 0, tr.stderr[-2000:]
+  # The training log's KL per rung (bottom-up), over the same rows as its KL: they add up to it.
+  recs = [r for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl"))) if "neg_elbo" in r]
+  assert [r["step"] for r in recs] == [2, 4]
+  for r in recs:
+    assert len(r["kl_per_group"]) == 4
+    np.testing.assert_allclose(sum(r["kl_per_group"]), r["kl"], rtol=1e-4, atol=1e-3)
   # No XLA_FLAGS: evaluate.py restarts itself with one CPU device per asked-for core (hostenv.cpu_devices_env).
   ev = run_cli("evaluate.py", f"--workdir={workdir}", "--num_samples=4", env={"IAF_JAX_CPU_DEVICES": "2"})
   assert ev.returncode == 0, ev.stderr[-2000:]

@@ -246,6 +246,16 @@ def test_vae_loss_with_free_bits():
   np.testing.assert_allclose(loss_low, metrics_low["neg_elbo"], rtol=1e-5)
 
 
+def test_kl_per_group_metric_is_each_groups_batch_mean_and_only_for_several_groups():
+  terms = _terms()
+  for loss_fn in (lambda t: O.vae_loss(t, free_bits=0.0), lambda t: O.importance_weighted_loss(t, 1)):
+    _, metrics = loss_fn(terms)
+    np.testing.assert_allclose(metrics["kl_per_group"], terms["kl_per_group"].mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(np.sum(metrics["kl_per_group"]), metrics["kl"], rtol=1e-5)
+    one = dict(terms, kl_per_group=terms["kl_per_group"].sum(axis=1, keepdims=True))
+    assert "kl_per_group" not in loss_fn(one)[1]   # a single group is 'kl' itself
+
+
 # ----------------------------------------------------------------------------- units
 
 
