@@ -31,21 +31,24 @@ def vae_loss(terms: Mapping[str, jax.Array], free_bits: float = 0.0) -> tuple[ja
   `terms` holds 'log_px_given_z' [B], 'log_pz' [B], 'log_qz' [B] and 'kl_per_group' [B, G] (rows sum to
   log_qz - log_pz). With free_bits = 0 the loss is exactly the negative ELBO.
   """
+  metrics = elbo_metrics(terms)
+  kl_term = free_bits_kl(terms["kl_per_group"], free_bits) if free_bits > 0 else metrics["kl"]
+  loss = metrics["recon"] + kl_term
+  return loss, dict(metrics, loss=loss)
+
+
+def elbo_metrics(terms: Mapping[str, jax.Array]) -> dict:
+  """The single-sample ELBO's terms averaged over the rows: 'recon', 'kl', 'neg_elbo', and for a model with
+  several latent groups (the ResNet VAE's rungs, or its rungs x channels with kl_groups 'channel') each
+  group's mean KL, 'kl_per_group' [G]: the training log then shows when a group stops carrying information
+  (posterior collapse), without a diagnostic run. A single group is 'kl' itself."""
   recon = -jnp.mean(terms["log_px_given_z"])
   kl = jnp.mean(terms["log_qz"] - terms["log_pz"])
-  kl_term = free_bits_kl(terms["kl_per_group"], free_bits) if free_bits > 0 else kl
-  loss = recon + kl_term
-  return loss, dict({"loss": loss, "neg_elbo": recon + kl, "recon": recon, "kl": kl},
-                    **kl_per_group_metric(terms["kl_per_group"]))
-
-
-def kl_per_group_metric(kl_per_group) -> dict:
-  """{'kl_per_group': [G] minibatch means} for a model with several latent groups (the ResNet VAE's rungs, or
-  its rungs x channels with kl_groups 'channel'): the training log then shows when a group stops carrying
-  information (posterior collapse), without a diagnostic run. Nothing for a single group (it is 'kl')."""
-  if kl_per_group is None or kl_per_group.shape[1] == 1:
-    return {}
-  return {"kl_per_group": jnp.mean(kl_per_group, axis=0)}
+  metrics = {"neg_elbo": recon + kl, "recon": recon, "kl": kl}
+  groups = terms.get("kl_per_group")
+  if groups is not None and groups.shape[1] > 1:
+    metrics["kl_per_group"] = jnp.mean(groups, axis=0)
+  return metrics
 
 
 def tile_samples(a: jax.Array, num_samples: int) -> jax.Array:
@@ -84,10 +87,7 @@ def importance_weighted_loss(terms: Mapping[str, jax.Array], num_samples: int) -
   """
   log_w = elbo(terms["log_px_given_z"], terms["log_pz"], terms["log_qz"]).reshape(-1, num_samples)
   loss = -jnp.mean(log_mean_exp(log_w, axis=1))
-  recon = -jnp.mean(terms["log_px_given_z"])
-  kl = jnp.mean(terms["log_qz"] - terms["log_pz"])
-  return loss, dict({"loss": loss, "neg_elbo": recon + kl, "recon": recon, "kl": kl, "neg_iw_bound": loss},
-                    **kl_per_group_metric(terms.get("kl_per_group")))
+  return loss, dict(elbo_metrics(terms), loss=loss, neg_iw_bound=loss)
 
 
 def importance_log_weights(log_weight_fn: Callable[[jax.Array, int], jax.Array], key: jax.Array,
