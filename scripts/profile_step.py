@@ -1,14 +1,17 @@
 """Where the time of one update step goes: a jax.profiler trace of a few steps, its XLA op events summed by kind.
 
   python scripts/profile_step.py [--config configs/mnist.py:diag] [--batch 64] [--steps 5] [--out runs/profile]
-                                 [--override model.block=two_conv ...] [--eval K]
+                                 [--override model.block=two_conv ...] [--eval K] [--devices N]
 
 With --eval K it profiles the importance-sampling evaluation instead (evaluate.py's compiled function, one device,
 K samples per example in passes of eval.chunk_size, on --batch examples) and writes its optimised HLO
-(hlo.txt) beside the trace, so that a heavy op's name can be found in it.
+(hlo.txt) beside the trace, so that a heavy op's name can be found in it. --devices N profiles the update step as
+train.py runs it on an N-device mesh (state replicated, the batch split; on a CPU host with
+XLA_FLAGS=--xla_force_host_platform_device_count=N): its all-reduce shows how long one device waits for the other.
 
 Prints op time per step by kind of op (the HLO instruction's name without its number: fusion, convolution,
-copy, ...), the heaviest single ops, and the share of the step's wall time the ops cover; writes the trace
+copy, ...), the heaviest single ops, how many threads run an op at once (concurrency: on 2 cores, whether the
+second one works) and how many ops a step runs; writes the trace
 (open it in Perfetto) and a JSON of the summary under --out. Synthetic images, as the bench uses.
 """
 from __future__ import annotations
@@ -40,6 +43,39 @@ def summarise(events, steps: int) -> dict:
   return {"op_ms_per_step": total / 1e3 / steps,
           "kinds": [(k, v / 1e3 / steps, v / total) for k, v in by_kind.most_common()],
           "top_ops": [(k, v / 1e3 / steps) for k, v in by_op.most_common(15)]}
+
+
+def concurrency(events, steps: int, short_us: float = 20.0) -> dict:
+  """How many threads run an XLA op at once over the traced span (first op's start to last op's end): the share
+  of that span with 0, 1, 2, ... threads busy and their mean, from each thread's ops merged into busy intervals
+  (an op nested in another counts once). With the number of ops per step and of those shorter than `short_us`:
+  a step of many tiny ops is bounded by dispatch, one whose ops never overlap by a single core."""
+  per_thread = collections.defaultdict(list)
+  for e in events:
+    per_thread[(e.get("pid"), e.get("tid"))].append((float(e["ts"]), float(e["ts"]) + float(e["dur"])))
+  edges = []
+  for intervals in per_thread.values():
+    intervals.sort()
+    start, end = intervals[0]
+    for s, t in intervals[1:]:
+      if s > end:
+        edges += [(start, 1), (end, -1)]
+        start, end = s, t
+      else:
+        end = max(end, t)
+    edges += [(start, 1), (end, -1)]
+  edges.sort()
+  busy, active, last = collections.Counter(), 0, edges[0][0]
+  for t, d in edges:
+    busy[active] += t - last
+    active, last = active + d, t
+  span = edges[-1][0] - edges[0][0]
+  short = [e for e in events if float(e["dur"]) < short_us]
+  return {"threads": len(per_thread), "span_ms": span / 1e3,
+          "busy_share": {n: busy[n] / span for n in range(len(per_thread) + 1)},
+          "mean_busy_threads": sum(n * v for n, v in busy.items()) / span,
+          "ops_per_step": len(events) / steps, "short_ops_per_step": len(short) / steps,
+          "short_op_ms_per_step": sum(float(e["dur"]) for e in short) / 1e3 / steps, "short_us": short_us}
 
 
 def xla_op_events(trace_dir: str) -> list:
@@ -113,12 +149,22 @@ def main():
   p.add_argument("--override", action="append", default=[], help="section.field=value")
   p.add_argument("--eval", type=int, default=0, metavar="K",
                  help="profile the K-sample importance-sampling evaluation instead of the update step")
+  p.add_argument("--devices", type=int, default=1, help="the update step on a mesh over this many devices")
   args = p.parse_args()
+  if args.devices > 1 and args.eval:
+    raise SystemExit("error: --devices profiles the update step; --eval runs on one device")
 
   import jax
 
   from iaf_jax import eval_lib, train_lib
 
+  mesh = None
+  if args.devices > 1:  # before any work: a clear error when the devices are missing
+    from iaf_jax.experiments import bench
+    try:
+      mesh = bench.make_mesh(args.devices)
+    except bench.BenchError as e:
+      raise SystemExit(f"error: {e}")
   config, model, optimizer, state, batch, max_value = setup(args.config, args.override, args.batch)
   if args.eval:
     evaluate = jax.jit(eval_lib.make_importance_eval(
@@ -129,15 +175,27 @@ def main():
     with open(os.path.join(args.out, "hlo.txt"), "w") as f:
       f.write(evaluate.lower(params, batch, key).compile().as_text())
     step = lambda st, b: (st, evaluate(params, b, key))  # the same (state, metrics) shape as the update step
+  elif mesh is not None:
+    import numpy as np
+
+    from iaf_jax import sharding
+    state = sharding.replicate(state, mesh)   # as train_lib.train_and_evaluate places them
+    batch = sharding.global_batch(mesh, np.asarray(batch))
+    step = train_lib.make_update_step(model, optimizer, config, max_value, mesh)
   else:
     step = train_lib.make_update_step(model, optimizer, config, max_value)
   _, wall_ms, events = trace_steps(step, state, batch, args.steps, args.out)
   s = summarise(events, args.steps)
+  s["concurrency"] = c = concurrency(events, args.steps)
   s.update(config=args.config, overrides=args.override, batch=args.batch, steps=args.steps,
-           wall_ms_per_step=wall_ms, jax=jax.__version__, eval_num_samples=args.eval)
-  what = f"importance sampling K={args.eval}" if args.eval else "update step"
+           wall_ms_per_step=wall_ms, jax=jax.__version__, eval_num_samples=args.eval, devices=args.devices)
+  what = f"importance sampling K={args.eval}" if args.eval else f"update step on {args.devices} device(s)"
   print(f"{args.config} {' '.join(args.override)} batch {args.batch}, {what}: {wall_ms:.1f} ms/step wall, "
         f"{s['op_ms_per_step']:.1f} ms/step of XLA ops (summed over threads)")
+  shares = ", ".join(f"{n}: {100 * v:.1f}%" for n, v in c["busy_share"].items() if n < 2 or v >= 5e-4)
+  print(f"  threads running an op, share of the traced span: {shares} (mean {c['mean_busy_threads']:.2f}; "
+        f"{c['threads']} threads ran ops); {c['ops_per_step']:.0f} ops per step, {c['short_ops_per_step']:.0f} of them under "
+        f"{c['short_us']:.0f} us ({c['short_op_ms_per_step']:.1f} ms)")
   for kind, ms, share in s["kinds"][:12]:
     print(f"  {kind:<40} {ms:8.2f} ms  {100 * share:5.1f}%")
   print("heaviest ops:")

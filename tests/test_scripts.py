@@ -78,3 +78,43 @@ def test_interleaved_steps_compiles_a_variant_with_xla_options_to_the_same_step(
   monkeypatch.setattr(sys, "argv", argv + ["--variant", tiny + ",xla:xla_cpu_no_such_option=1"])
   with pytest.raises(SystemExit, match="XLA refused"):
     ils.main()
+
+
+def test_profile_concurrency_counts_threads_busy_at_once_and_short_ops():
+  """Two threads: A busy over [0, 10) us (with an op nested inside another), B over [5, 15) and [20, 21) us.
+  Over the span [0, 21): 0 threads busy for 5 us, 1 for 11, 2 for 5; the nested op counts once; two of the five
+  ops are shorter than 2 us."""
+  ps = _load("profile_step")
+  ev = lambda tid, ts, dur: {"pid": 1, "tid": tid, "ts": ts, "dur": dur, "name": "fusion.1"}
+  events = [ev("A", 0, 10), ev("A", 2, 1), ev("B", 5, 10), ev("B", 20, 1), ev("A", 4, 6)]
+  c = ps.concurrency(events, steps=1, short_us=2)
+  assert c["threads"] == 2 and abs(c["span_ms"] - 0.021) < 1e-12
+  assert {n: round(v * 21, 9) for n, v in c["busy_share"].items()} == {0: 5, 1: 11, 2: 5}
+  assert abs(c["mean_busy_threads"] - 21 / 21) < 1e-12
+  assert c["ops_per_step"] == 5 and c["short_ops_per_step"] == 2 and abs(c["short_op_ms_per_step"] - 0.002) < 1e-12
+
+
+def test_profile_step_on_two_devices_shows_the_all_reduce_and_the_thread_shares(tmp_path):
+  """`profile_step.py --devices 2` profiles the update step on a 2-device mesh, as train.py runs it: the gradient
+  all-reduce is among its op kinds (a 1-device step has none), the concurrency line is printed and saved, and
+  without the devices it stops with the one-line error saying what to set."""
+  import json
+  import subprocess
+  import sys
+  tiny = ["--override", "model.channels=(4,8)", "--override", "model.strides=(2,2)", "--override",
+          "model.hidden_dim=16", "--override", "model.latent_dim=4"]
+  cmd = [sys.executable, os.path.join(ROOT, "scripts", "profile_step.py"), "--config", "configs/mnist.py:diag",
+         "--batch", "8", "--steps", "2", *tiny]
+  env = dict(os.environ, IAF_JAX_MALLOC="glibc")
+  run = subprocess.run(cmd + ["--devices", "2", "--out", str(tmp_path / "d2")], cwd=ROOT, text=True,
+                       capture_output=True, timeout=300,
+                       env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert "update step on 2 device(s)" in run.stdout and "threads running an op" in run.stdout
+  out = json.load(open(tmp_path / "d2" / "summary.json"))
+  assert "all-reduce" in {k for k, _, _ in out["kinds"]} and out["devices"] == 2
+  c = out["concurrency"]
+  assert c["ops_per_step"] > 0 and abs(sum(c["busy_share"].values()) - 1) < 1e-6
+  bad = subprocess.run(cmd + ["--devices", "2", "--out", str(tmp_path / "bad")], cwd=ROOT, text=True,
+                       capture_output=True, timeout=300, env=dict(env, XLA_FLAGS=""))
+  assert bad.returncode != 0 and "xla_force_host_platform_device_count=2" in bad.stderr.strip().splitlines()[-1]
