@@ -2,7 +2,7 @@
 gradient with float32 inputs cast to bf16 inside (float32 accumulation), then the forward with inputs already in
 bf16 (no casts: the most bf16 could give), against the same op in float32.
 
-  XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" taskset -c 1 python scripts/bf16_trial.py
+  XLA_FLAGS="--xla_cpu_multi_thread_eigen=false" taskset -c 1 python scripts/bf16_trial.py
 
 Shapes: the MNIST ResNet blocks at batch 64, the CIFAR-10 rung head at batch 32, the MNIST models' dense layers,
 and a 2048^3 matmul for scale. Median of 5 timings of 20 calls each.

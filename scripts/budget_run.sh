@@ -12,7 +12,7 @@
 set -eu
 core=$1 workdir=$2 config=$3; shift 3
 data=${DATA_DIR:-../shared/data}
-export XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1 ${XLA_FLAGS:-}"
+export XLA_FLAGS="--xla_cpu_multi_thread_eigen=false ${XLA_FLAGS:-}"
 py=${PYTHON:-.venv/bin/python}
 taskset -c "$core" "$py" train.py --config="$config" --workdir="$workdir" --config.data.dir="$data" \
   --config.train.time_budget_minutes="${MINUTES:-20}" "$@"

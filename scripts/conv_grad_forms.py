@@ -3,7 +3,7 @@ transposes): autodiff of lax.conv (XLA:CPU transposes the activations to compute
 layers.conv2d_explicit_grads (those transposes written out), and the kernel gradient as one matmul of the input's
 3x3 windows (im2col, no transposes of the activations). jax.grad of sum(sin(conv(x, w))), median of 5 x 20 calls.
 
-  XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" taskset -c 1 python scripts/conv_grad_forms.py
+  XLA_FLAGS="--xla_cpu_multi_thread_eigen=false" taskset -c 1 python scripts/conv_grad_forms.py
 """
 import os, sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

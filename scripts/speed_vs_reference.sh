@@ -20,7 +20,7 @@ pin=() threads=2
 if [ -n "${CORE:-}" ]; then
   [ -n "${DEVICES:-}" ] && [ "${DEVICES}" != 1 ] && { echo "speed_vs_reference.sh: CORE runs ours on 1 device" >&2; exit 2; }
   pin=(taskset -c "$CORE") threads=1 DEVICES=1
-  export XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1 ${XLA_FLAGS:-}"
+  export XLA_FLAGS="--xla_cpu_multi_thread_eigen=false ${XLA_FLAGS:-}"
 fi
 reference() {  # reference N_IAF WIDTH: one JSON line
   SEED_TORCH=$A/seed-torch THREADS=$threads "${pin[@]}" "$A/torch-venv/bin/python" ../shared/reference/seed_torch_bench.py \

@@ -118,3 +118,24 @@ def test_profile_step_on_two_devices_shows_the_all_reduce_and_the_thread_shares(
   bad = subprocess.run(cmd + ["--devices", "2", "--out", str(tmp_path / "bad")], cwd=ROOT, text=True,
                        capture_output=True, timeout=300, env=dict(env, XLA_FLAGS=""))
   assert bad.returncode != 0 and "xla_force_host_platform_device_count=2" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_the_scripts_xla_flags_keep_the_users_flags_after_them():
+  """XLA stops reading XLA_FLAGS at a word that is not a flag (`intra_op_parallelism_threads=1` was one), and
+  drops every flag after it. Each shell script that prepends to XLA_FLAGS must leave the user's flags working: with
+  the user's --xla_force_host_platform_device_count=2 appended, JAX sees 2 devices."""
+  import re
+  import subprocess
+  import sys
+  found = 0
+  for name in sorted(os.listdir(os.path.join(ROOT, "scripts"))):
+    if not name.endswith(".sh"):
+      continue
+    for value in re.findall(r'XLA_FLAGS="([^"]*)\$\{XLA_FLAGS:-\}"', open(os.path.join(ROOT, "scripts", name)).read()):
+      found += 1
+      assert all(w.startswith("--") for w in value.split()), (name, value)
+      flags = value + "--xla_force_host_platform_device_count=2"
+      run = subprocess.run([sys.executable, "-c", "import jax; print(len(jax.devices()))"], text=True,
+                           capture_output=True, timeout=120, env=dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu"))
+      assert run.stdout.strip() == "2", (name, flags, run.stderr[-500:])
+  assert found >= 2  # budget_run.sh and speed_vs_reference.sh
