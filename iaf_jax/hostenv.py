@@ -118,7 +118,9 @@ def cpu_devices_env(environ=None) -> Optional[dict]:
     raise SystemExit(f"error: IAF_JAX_CPU_DEVICES={raw!r}: must be 'auto' or an integer >= 1")
   if n <= 1:
     return None
-  environ["XLA_FLAGS"] = f"{flags} {CPU_DEVICES_FLAG}={n}".strip()
+  # First, not last: XLA stops reading XLA_FLAGS at a word that is not a flag (such as the common
+  # 'intra_op_parallelism_threads=1') and would drop a device count after it.
+  environ["XLA_FLAGS"] = f"{CPU_DEVICES_FLAG}={n} {flags}".strip()
   return environ
 
 

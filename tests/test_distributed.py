@@ -307,7 +307,7 @@ def test_a_restarted_entry_point_runs_on_the_allocator_host_env_names(tmp_path):
 def test_cpu_devices_env(monkeypatch):
   flag = hostenv.CPU_DEVICES_FLAG
   env = hostenv.cpu_devices_env({"XLA_FLAGS": "--xla_cpu_enable_fast_min_max=false", "IAF_JAX_CPU_DEVICES": "3"})
-  assert env["XLA_FLAGS"] == f"--xla_cpu_enable_fast_min_max=false {flag}=3"   # the user's flags kept
+  assert env["XLA_FLAGS"] == f"{flag}=3 --xla_cpu_enable_fast_min_max=false"   # the user's flags kept
   assert hostenv.cpu_devices_env(env) is None                                   # set: no second restart
   assert hostenv.cpu_devices_env({"XLA_FLAGS": f"{flag}=4", "IAF_JAX_CPU_DEVICES": "2"}) is None  # XLA_FLAGS wins
   assert hostenv.cpu_devices_env({"IAF_JAX_CPU_DEVICES": "1"}) is None
@@ -318,6 +318,17 @@ def test_cpu_devices_env(monkeypatch):
   for bad in ("0", "two", "-1"):
     with pytest.raises(SystemExit, match="IAF_JAX_CPU_DEVICES"):
       hostenv.cpu_devices_env({"IAF_JAX_CPU_DEVICES": bad})
+
+
+def test_the_device_count_applies_after_a_word_xla_does_not_read():
+  """XLA stops reading XLA_FLAGS at a word that is not a flag; a user's 'intra_op_parallelism_threads=1' (a
+  TensorFlow option often put there) must not cost evaluate.py its devices: JAX started in cpu_devices_env's
+  environment sees the asked-for 2 devices."""
+  user = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+  env = hostenv.cpu_devices_env(dict(os.environ, XLA_FLAGS=user, IAF_JAX_CPU_DEVICES="2", JAX_PLATFORMS="cpu"))
+  run = subprocess.run([sys.executable, "-c", "import jax; print(len(jax.devices()))"], env=env, text=True,
+                       capture_output=True, timeout=120)
+  assert run.stdout.strip() == "2", run.stderr[-500:]
 
 
 def test_an_early_stopped_run_stays_stopped_when_rerun(tmp_path):
