@@ -87,6 +87,12 @@ def malloc_in_use() -> str:
 CPU_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 
 
+def with_cpu_device_count(flags: str, n: int) -> str:
+  """XLA_FLAGS `flags` with N forced CPU devices, the count first: XLA stops reading XLA_FLAGS at a word that is
+  not a flag (such as the common 'intra_op_parallelism_threads=1') and would drop a count after it."""
+  return f"{CPU_DEVICES_FLAG}={n} {flags}".strip()
+
+
 def usable_cores() -> int:
   """Cores this process may run on (its affinity: `taskset -c 0` gives 1)."""
   try:
@@ -118,9 +124,7 @@ def cpu_devices_env(environ=None) -> Optional[dict]:
     raise SystemExit(f"error: IAF_JAX_CPU_DEVICES={raw!r}: must be 'auto' or an integer >= 1")
   if n <= 1:
     return None
-  # First, not last: XLA stops reading XLA_FLAGS at a word that is not a flag (such as the common
-  # 'intra_op_parallelism_threads=1') and would drop a device count after it.
-  environ["XLA_FLAGS"] = f"{CPU_DEVICES_FLAG}={n} {flags}".strip()
+  environ["XLA_FLAGS"] = with_cpu_device_count(flags, n)
   return environ
 
 

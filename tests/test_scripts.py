@@ -1,6 +1,10 @@
 """The measurement scripts' own logic (scripts/ is not a package: loaded by path)."""
 import importlib.util
+import json
 import os
+import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +36,6 @@ def test_update_bandwidth_reads_the_entry_computation_of_compiled_hlo():
 
 def test_dot_shapes_times_the_step_matmuls_against_the_ceiling(capsys, monkeypatch):
   """The script runs end to end at a small size and reports the ceiling and the three step matmuls."""
-  import json
-  import sys
   ds = _load("dot_shapes")
   monkeypatch.setattr(sys, "argv", ["dot_shapes.py", "--batch", "8", "--width", "64", "--n", "128", "--repeats", "2"])
   ds.main()
@@ -45,7 +47,6 @@ def test_dot_shapes_times_the_step_matmuls_against_the_ceiling(capsys, monkeypat
 def test_step_page_faults_counts_the_faults_of_fresh_temporaries(monkeypatch, capsys):
   """The script runs end to end on a tiny model and reports, per round, a positive step time and a mean number of
   faults per step no larger than the step's temporaries could take (a fault per 4 KiB page of a few MB at most)."""
-  import sys
   spf = _load("step_page_faults")
   tiny = ["model.channels=(4, 8)", "model.strides=(2, 2)", "model.hidden_dim=16", "model.latent_dim=4",
           "model.iaf_width=16", "model.context_dim=8"]
@@ -62,7 +63,6 @@ def test_interleaved_steps_compiles_a_variant_with_xla_options_to_the_same_step(
   """A variant with XLA compiler options is the same update step compiled differently: after the same warm-up
   steps its loss equals the plain variant's (to float rounding); a comma-separated option value stays whole; an
   option XLA does not know is a one-line error."""
-  import sys
 
   import pytest
   ils = _load("interleaved_steps")
@@ -98,9 +98,6 @@ def test_profile_step_on_two_devices_shows_the_all_reduce_and_the_thread_shares(
   """`profile_step.py --devices 2` profiles the update step on a 2-device mesh, as train.py runs it: the gradient
   all-reduce is among its op kinds (a 1-device step has none), the concurrency line is printed and saved, and
   without the devices it stops with the one-line error saying what to set."""
-  import json
-  import subprocess
-  import sys
   tiny = ["--override", "model.channels=(4,8)", "--override", "model.strides=(2,2)", "--override",
           "model.hidden_dim=16", "--override", "model.latent_dim=4"]
   cmd = [sys.executable, os.path.join(ROOT, "scripts", "profile_step.py"), "--config", "configs/mnist.py:diag",
@@ -124,9 +121,6 @@ def test_the_scripts_xla_flags_keep_the_users_flags_after_them():
   """XLA stops reading XLA_FLAGS at a word that is not a flag (`intra_op_parallelism_threads=1` was one), and
   drops every flag after it. Each shell script that prepends to XLA_FLAGS must leave the user's flags working: with
   the user's --xla_force_host_platform_device_count=2 appended, JAX sees 2 devices."""
-  import re
-  import subprocess
-  import sys
   found = 0
   for name in sorted(os.listdir(os.path.join(ROOT, "scripts"))):
     if not name.endswith(".sh"):

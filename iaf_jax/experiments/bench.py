@@ -597,7 +597,7 @@ def _command_line_environment(argv: Sequence[str]) -> Optional[dict]:
   if wanted > 1 and "xla_force_host_platform_device_count" not in flags and env.get("JAX_PLATFORMS", "cpu") == "cpu":
     import jax
     if jax.default_backend() == "cpu" and len(jax.devices()) < wanted:
-      env["XLA_FLAGS"] = f"{hostenv.CPU_DEVICES_FLAG}={wanted} {flags}".strip()  # first: hostenv.cpu_devices_env says why
+      env["XLA_FLAGS"] = hostenv.with_cpu_device_count(flags, wanted)
   return env if env != dict(os.environ) else None
 
 
