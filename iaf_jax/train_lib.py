@@ -43,36 +43,23 @@ class TrainState:
 
 # ----------------------------------------------------------------------------- step and initialisation
 
-def make_train_step(model, optimizer: optax.GradientTransformation, *, likelihood: str, max_value: int,
-                    free_bits: float, ema_decay: float,
-                    fused_adamax: Optional[tuple[float, float, float]] = None,
-                    num_importance_samples: int = 1, micro_batches: int = 1, batch_sharding=None) -> Callable:
-  """(state, uint8 images) -> (state, metrics): one pure update. A step whose loss or gradients are not
-  finite changes nothing but the step and skip counters. `fused_adamax` (`optim.fused_adamax(train_cfg)`, for a
-  plain Adamax optimizer) computes the same update without XLA's per-step copies of the state.
-  `num_importance_samples` k > 1 trains on the k-sample importance-weighted bound (objectives.
-  importance_weighted_loss): the model's terms on k copies of the batch, k independent posterior samples each.
-  On a mesh, `batch_sharding` (sharding.batch_sharded) keeps those k copies split by example: without it the
-  partitioner gave every device the whole k-times batch (XLA's flops of the 2-device step = the 1-device step's;
-  tests/test_distributed.py). `micro_batches` S > 1 computes the loss as the mean of S micro-batches' (example i
-  in micro-batch i % S, its own posterior draws): S independent forward and backward chains until the gradient
-  sum, which XLA:CPU runs on its cores side by side (docs/performance.md, eighth round). Without free bits it is
-  the same objective as the whole batch's; with them it is not (they act on the batch's mean KL), so the config
-  refuses that combination."""
+def make_loss_and_grads(model, *, likelihood: str, max_value: int, free_bits: float,
+                        num_importance_samples: int = 1, micro_batches: int = 1, batch_sharding=None) -> Callable:
+  """(params, uint8 images, key) -> ((loss, metrics), grads): the objective of one step and its gradients, the
+  images binarized or scaled with `key` and the posterior drawn with it (arguments: make_train_step)."""
   k, s = int(num_importance_samples), int(micro_batches)
 
-  def train_step(state: TrainState, images: jax.Array):
-    key = jax.random.fold_in(state.rng, state.step)
+  def batch_loss(params, xb, kb):
+    if k == 1:
+      return objectives.vae_loss(model.apply({"params": params}, xb, kb), free_bits)
+    xk = objectives.repeat_examples(xb, k)
+    if batch_sharding is not None:
+      xk = jax.lax.with_sharding_constraint(xk, batch_sharding)
+    return objectives.importance_weighted_loss(model.apply({"params": params}, xk, kb), k)
+
+  def loss_and_grads(params, images: jax.Array, key: jax.Array):
     k_bin, k_z = jax.random.split(key)
     x = data_lib.model_inputs(k_bin, images, likelihood, max_value)
-
-    def batch_loss(params, xb, kb):
-      if k == 1:
-        return objectives.vae_loss(model.apply({"params": params}, xb, kb), free_bits)
-      xk = objectives.repeat_examples(xb, k)
-      if batch_sharding is not None:
-        xk = jax.lax.with_sharding_constraint(xk, batch_sharding)
-      return objectives.importance_weighted_loss(model.apply({"params": params}, xk, kb), k)
 
     def loss_fn(params):
       if s == 1:
@@ -82,19 +69,53 @@ def make_train_step(model, optimizer: optax.GradientTransformation, *, likelihoo
       parts = [batch_loss(params, xs[:, i], jax.random.fold_in(k_z, i)) for i in range(s)]
       return jax.tree_util.tree_map(lambda *a: sum(a) / s, *parts)
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    # A NaN or Inf in any gradient makes the norm NaN or Inf: one pass over the gradients, which the logged
-    # norm needs anyway, instead of a second (is-finite) pass (docs/performance.md). A norm that overflows
-    # float32 (> 1.8e19) also counts as non-finite.
-    grad_norm = optax.tree.norm(grads)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    params, ema, opt_state = optim.apply_update(state, grads, ok, optimizer, ema_decay, fused_adamax)
-    new_state = state.replace(
-        step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
-        num_nonfinite=state.num_nonfinite + (~ok).astype(jnp.int32),
-        consecutive_nonfinite=jnp.where(ok, 0, state.consecutive_nonfinite + 1))
-    metrics = dict(metrics, grad_norm=grad_norm, finite=ok.astype(jnp.float32))
-    return new_state, metrics
+    return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+  return loss_and_grads
+
+
+def apply_gradients(state: TrainState, loss: jax.Array, metrics: dict, grads, *, optimizer, ema_decay: float,
+                    fused_adamax: Optional[tuple[float, float, float]] = None) -> tuple[TrainState, dict]:
+  """The update of one step from its loss and gradients: the next TrainState (or only its counters, where the
+  loss or the gradients are not finite) and the step's metrics with the gradient norm."""
+  # A NaN or Inf in any gradient makes the norm NaN or Inf: one pass over the gradients, which the logged
+  # norm needs anyway, instead of a second (is-finite) pass (docs/performance.md). A norm that overflows
+  # float32 (> 1.8e19) also counts as non-finite.
+  grad_norm = optax.tree.norm(grads)
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  params, ema, opt_state = optim.apply_update(state, grads, ok, optimizer, ema_decay, fused_adamax)
+  new_state = state.replace(
+      step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state,
+      num_nonfinite=state.num_nonfinite + (~ok).astype(jnp.int32),
+      consecutive_nonfinite=jnp.where(ok, 0, state.consecutive_nonfinite + 1))
+  return new_state, dict(metrics, grad_norm=grad_norm, finite=ok.astype(jnp.float32))
+
+
+def make_train_step(model, optimizer: optax.GradientTransformation, *, likelihood: str, max_value: int,
+                    free_bits: float, ema_decay: float,
+                    fused_adamax: Optional[tuple[float, float, float]] = None,
+                    num_importance_samples: int = 1, micro_batches: int = 1, batch_sharding=None) -> Callable:
+  """(state, uint8 images) -> (state, metrics): one pure update, make_loss_and_grads then apply_gradients. A
+  step whose loss or gradients are not finite changes nothing but the step and skip counters. `fused_adamax`
+  (`optim.fused_adamax(train_cfg)`, for a plain Adamax optimizer) computes the same update without XLA's
+  per-step copies of the state.
+  `num_importance_samples` k > 1 trains on the k-sample importance-weighted bound (objectives.
+  importance_weighted_loss): the model's terms on k copies of the batch, k independent posterior samples each.
+  On a mesh, `batch_sharding` (sharding.batch_sharded) keeps those k copies split by example: without it the
+  partitioner gave every device the whole k-times batch (XLA's flops of the 2-device step = the 1-device step's;
+  tests/test_distributed.py). `micro_batches` S > 1 computes the loss as the mean of S micro-batches' (example i
+  in micro-batch i % S, its own posterior draws): S independent forward and backward chains until the gradient
+  sum, which XLA:CPU runs on its cores side by side (docs/performance.md, eighth round). Without free bits it is
+  the same objective as the whole batch's; with them it is not (they act on the batch's mean KL), so the config
+  refuses that combination."""
+  loss_and_grads = make_loss_and_grads(model, likelihood=likelihood, max_value=max_value, free_bits=free_bits,
+                                       num_importance_samples=num_importance_samples,
+                                       micro_batches=micro_batches, batch_sharding=batch_sharding)
+
+  def train_step(state: TrainState, images: jax.Array):
+    (loss, metrics), grads = loss_and_grads(state.params, images, jax.random.fold_in(state.rng, state.step))
+    return apply_gradients(state, loss, metrics, grads, optimizer=optimizer, ema_decay=ema_decay,
+                           fused_adamax=fused_adamax)
 
   return train_step
 

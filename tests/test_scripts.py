@@ -8,6 +8,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -114,6 +115,31 @@ def test_profile_step_on_two_devices_shows_the_all_reduce_and_the_thread_shares(
   assert c["ops_per_step"] > 0 and abs(sum(c["busy_share"].values()) - 1) < 1e-6
   bad = subprocess.run(cmd + ["--devices", "2", "--out", str(tmp_path / "bad")], cwd=ROOT, text=True,
                        capture_output=True, timeout=300, env=dict(env, XLA_FLAGS=""))
+  assert bad.returncode != 0 and "xla_force_host_platform_device_count=2" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_independent_halves_times_the_halves_the_update_and_the_library_step(tmp_path):
+  """scripts/independent_halves.py times half the batch's gradients alone and both halves at once (one per
+  device), the update and the library step, and derives the ratios it prints from those medians; without two
+  devices it stops with a one-line error naming the flag."""
+  tiny = ["--override", "model.channels=(4,8)", "--override", "model.strides=(2,2)", "--override",
+          "model.hidden_dim=16", "--override", "model.latent_dim=4"]
+  cmd = [sys.executable, os.path.join(ROOT, "scripts", "independent_halves.py"), "--config", "configs/mnist.py:diag",
+         "--batch", "8", "--rounds", "2", "--steps", "2", *tiny]
+  env = dict(os.environ, IAF_JAX_MALLOC="glibc")
+  run = subprocess.run(cmd + ["--json", str(tmp_path / "h.json")], cwd=ROOT, text=True, capture_output=True,
+                       timeout=300, env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+  assert run.returncode == 0, run.stderr[-2000:]
+  out = json.load(open(tmp_path / "h.json"))
+  med = out["median_ms"]
+  assert set(med) == {"half alone", "both halves", "update", "library step"}
+  assert all(len(v) == 2 and min(v) > 0 for v in out["ms"].values())
+  assert out["halves_plus_update_ms"] == pytest.approx(med["both halves"] + med["update"])
+  assert out["halves_at_once_speedup"] == pytest.approx(2 * med["half alone"] / med["both halves"])
+  assert out["library_img_per_s"] == pytest.approx(8e3 / med["library step"])
+  assert "both halves + update" in run.stdout
+  bad = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True, timeout=300,
+                       env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=1"))
   assert bad.returncode != 0 and "xla_force_host_platform_device_count=2" in bad.stderr.strip().splitlines()[-1]
 
 
