@@ -143,6 +143,26 @@ def test_independent_halves_times_the_halves_the_update_and_the_library_step(tmp
   assert bad.returncode != 0 and "xla_force_host_platform_device_count=2" in bad.stderr.strip().splitlines()[-1]
 
 
+def test_op_threads_reports_rates_from_its_own_shapes_and_times(tmp_path):
+  """scripts/op_threads.py times a 3x3 convolution and a matmul, forward and with gradients: the FLOPs follow
+  from the shapes, the GFLOP/s from those and the times (three times the forward's with gradients), the CPU/wall
+  ratios are those of a running process; a malformed shape gets a one-line error."""
+  script = os.path.join(ROOT, "scripts", "op_threads.py")
+  run = subprocess.run([sys.executable, script, "--conv", "2,6,6,3,4", "--dot", "8,16,4", "--calls", "2",
+                        "--json", str(tmp_path / "o.json")], cwd=ROOT, text=True, capture_output=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-2000:]
+  conv, dot = json.load(open(tmp_path / "o.json"))["ops"]
+  assert conv["mflop_forward"] == pytest.approx(2 * 2 * 6 * 6 * 3 * 4 * 9 / 1e6)
+  assert dot["mflop_forward"] == pytest.approx(2 * 8 * 16 * 4 / 1e6)
+  for r in (conv, dot):
+    assert r["forward_gflops"] == pytest.approx(r["mflop_forward"] / r["forward_ms"])
+    assert r["forward_and_grads_gflops"] == pytest.approx(3 * r["mflop_forward"] / r["forward_and_grads_ms"])
+    assert 0 < r["forward_cpu_per_wall"] < 64 and 0 < r["forward_and_grads_cpu_per_wall"] < 64
+  bad = subprocess.run([sys.executable, script, "--conv", "1,2,3"], cwd=ROOT, text=True, capture_output=True,
+                       timeout=120)
+  assert bad.returncode != 0 and "--conv '1,2,3'" in bad.stderr.strip().splitlines()[-1]
+
+
 def test_the_scripts_xla_flags_keep_the_users_flags_after_them():
   """XLA stops reading XLA_FLAGS at a word that is not a flag (`intra_op_parallelism_threads=1` was one), and
   drops every flag after it. Each shell script that prepends to XLA_FLAGS must leave the user's flags working: with
