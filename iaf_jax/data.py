@@ -760,5 +760,9 @@ def model_inputs(key, images, likelihood: str, max_value: int):
 
   x = images.astype(jnp.float32)
   if likelihood == "bernoulli":
+    if max_value == 1:
+      # Probabilities 0 or >= 1: the draw is decided (uniform [0, 1) < p), so it is skipped, not drawn: the same
+      # values without generating a random number per pixel each step (binarized MNIST; docs/performance.md).
+      return (x > 0).astype(jnp.float32)
     return jax.random.bernoulli(key, x / max_value).astype(jnp.float32)
   return x

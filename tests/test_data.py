@@ -808,3 +808,24 @@ def test_load_dataset_checks_likelihood_before_loading(tmp_path):
     # The directory does not exist: the likelihood error must come first (cheap).
     raises_one_line("unknown likelihood", load_dataset, "mnist", str(tmp_path / "x"),
                     likelihood="normal")
+
+
+def test_model_inputs_of_binary_data_are_the_bernoulli_draw_without_drawing():
+  """With max_value 1 (binarized MNIST) every probability is 0 or >= 1, so the draw is decided: model_inputs
+  skips it and returns exactly what jax.random.bernoulli gives, for every uint8 value and any key. With a larger
+  max_value it still draws: different keys give different binarisations."""
+  import jax
+  import jax.numpy as jnp
+
+  images = jnp.asarray(np.arange(256, dtype=np.uint8).reshape(4, 8, 8, 1))
+  for seed in range(5):
+    key = jax.random.PRNGKey(seed)
+    drawn = jax.random.bernoulli(key, images.astype(jnp.float32) / 1).astype(jnp.float32)
+    np.testing.assert_array_equal(np.asarray(data.model_inputs(key, images, "bernoulli", 1)), np.asarray(drawn))
+  rng_ops = lambda m: [e.primitive.name for e in jax.make_jaxpr(
+      lambda k, x: data.model_inputs(k, x, "bernoulli", m))(jax.random.PRNGKey(0), images).eqns
+      if "random" in e.primitive.name or "threefry" in e.primitive.name or e.primitive.name == "pjit"]
+  assert rng_ops(1) == [] and rng_ops(255) != []
+  grey = jnp.full((4, 8, 8, 1), 128, jnp.uint8)
+  a, b = (np.asarray(data.model_inputs(jax.random.PRNGKey(s), grey, "bernoulli", 255)) for s in (0, 1))
+  assert set(np.unique(a)) == {0.0, 1.0} and (a != b).any()
