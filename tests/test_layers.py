@@ -272,8 +272,10 @@ def test_conv2d_transpose_is_the_dilated_convolution(kernel, stride):
 @pytest.mark.parametrize("c_in", [1, 3])
 @pytest.mark.parametrize("kernel,stride", [((3, 3), 1), ((3, 3), 2), ((1, 1), 1), ((1, 1), 2), ((5, 4), 2), ((2, 2), 3)])
 def test_conv2d_matches_xla_same_convolution(c_in, kernel, stride):
-  """conv2d (single input channel: a sum of shifted slices; 1x1 kernel: a matmul over the strided pixels) computes
-  lax's SAME convolution: values and gradients, odd and even kernels, strides that do and do not divide the size."""
+  """conv2d (single input channel: a sum of shifted slices, differentiated as one matmul of them; 1x1 kernel: a
+  matmul over the strided pixels) computes lax's SAME convolution: values, gradients (also of the kernel alone, as
+  for a first layer on data) and forward-mode derivatives, odd and even kernels, strides that do and do not divide
+  the size."""
   from iaf_jax.layers import conv2d
 
   rng = np.random.default_rng(2)
@@ -290,6 +292,13 @@ def test_conv2d_matches_xla_same_convolution(c_in, kernel, stride):
   ref = jax.grad(lambda a, k: jnp.sum(lax_conv(a, k) * cot), argnums=(0, 1))(x, w)
   for a, b in zip(ours, ref):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  kernel_only = jax.grad(lambda k: jnp.sum(conv2d(x, k, (stride, stride)) * cot))(w)
+  np.testing.assert_allclose(kernel_only, ref[1], rtol=1e-4, atol=1e-4)
+  dx, dw = rng.normal(size=x.shape).astype(np.float32), rng.normal(size=w.shape).astype(np.float32)
+  (val, tan), (val_ref, tan_ref) = (jax.jvp(lambda a, k: f(a, k), (x, w), (dx, dw))
+                                    for f in (lambda a, k: conv2d(a, k, (stride, stride)), lax_conv))
+  np.testing.assert_allclose(val, val_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(tan, tan_ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("kernel", [(3, 3), (1, 1), (5, 4), (2, 2), (4, 4)])
