@@ -139,10 +139,11 @@ def conv2d(x: jax.Array, w: jax.Array, strides: tuple[int, int], explicit_grads:
   """NHWC x HWIO -> NHWC convolution with SAME padding.
 
   A 1x1 kernel is a matmul over the (strided) pixels. A single-channel input (the MNIST models' first encoder
-  layer) is convolved as a sum of kh*kw shifted slices times the kernel's taps: elementwise work, 5-30x faster
-  than XLA:CPU's convolution for one input channel (docs/performance.md). Differentiated (jvp, grad), it is one
-  matmul of the slices, concatenated, with the taps instead: a whole diag training step 1.05x faster than with
-  the sum's many small gradient ops, while forward only the sum is 2.5-13x faster (fifteenth round).
+  layer, and the two-conv block's last decoder layer) is convolved as a sum of kh*kw shifted slices times the
+  kernel's taps: elementwise work, 5-30x faster than XLA:CPU's convolution for one input channel
+  (docs/performance.md). Differentiated (jvp, grad), it is one matmul of the slices, concatenated, with the taps
+  instead: whole training steps 1.03x (diag) and 1.11x (IAF 2/320) faster than with the sum's many small
+  gradient ops, while forward only the sum is 2.5-13x faster (fifteenth round).
   `explicit_grads` (stride 1 only; others are unchanged): `conv2d_explicit_grads`, for convolutions inside
   lax.scan.
   """
