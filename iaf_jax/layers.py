@@ -169,10 +169,10 @@ def _single_channel_slices(x: jax.Array, kh: int, kw: int, strides: tuple[int, i
   return [xp[:, i:i + (oh - 1) * sh + 1:sh, j:j + (ow - 1) * sw + 1:sw, :] for i in range(kh) for j in range(kw)]
 
 
-def _single_channel_matmul(x, w, strides):
-  """The single-channel convolution as one matmul of its slices [B, oh, ow, kh*kw] with the taps [kh*kw, out]."""
+def _single_channel_windows(x, w, strides):
+  """The slices concatenated [B, oh, ow, kh*kw]: times the taps w.reshape(kh*kw, out), the convolution."""
   kh, kw = w.shape[:2]
-  return jnp.concatenate(_single_channel_slices(x, kh, kw, strides), axis=-1) @ w.reshape(kh * kw, -1)
+  return jnp.concatenate(_single_channel_slices(x, kh, kw, strides), axis=-1)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
@@ -188,10 +188,12 @@ def _single_channel_conv_jvp(strides, primals, tangents):
   # parameters are differentiated (the first layer's input is data): that term is then left out, not computed.
   (x, w), (dx, dw) = primals, tangents
   zero = lambda t: type(t) is jax.custom_derivatives.SymbolicZero
-  terms = [] if zero(dw) else [_single_channel_matmul(x, dw, strides)]
+  taps = lambda k: k.reshape(-1, k.shape[-1])
+  windows = _single_channel_windows(x, w, strides)  # shared by the value and the kernel's term
+  y = windows @ taps(w)
+  terms = [] if zero(dw) else [windows @ taps(dw)]
   if not zero(dx):
-    terms.append(_single_channel_matmul(dx, w, strides))
-  y = _single_channel_matmul(x, w, strides)
+    terms.append(_single_channel_windows(dx, w, strides) @ taps(w))
   return y, functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(y)
 
 

@@ -10,9 +10,12 @@ repeats of --calls calls. Pin with taskset -c N to see one core's rate.
 """
 import argparse
 import json
-import resource
+import os
 import statistics
+import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _shape(text: str, n: int, flag: str) -> tuple:
@@ -25,23 +28,20 @@ def _shape(text: str, n: int, flag: str) -> tuple:
   return dims
 
 
-def _cpu_seconds() -> float:
-  r = resource.getrusage(resource.RUSAGE_SELF)
-  return r.ru_utime + r.ru_stime
-
-
 def time_op(fn, calls: int, repeats: int = 3) -> tuple[float, float]:
   """(median ms per call, CPU seconds / wall seconds over all repeats) of fn() after one warm-up call."""
   import jax
 
+  from iaf_jax.experiments.bench import process_cpu_seconds
+
   jax.block_until_ready(fn())
-  times, c0, w0 = [], _cpu_seconds(), time.perf_counter()
+  times, c0, w0 = [], process_cpu_seconds(), time.perf_counter()
   for _ in range(repeats):
     t0 = time.perf_counter()
     out = [fn() for _ in range(calls)]
     jax.block_until_ready(out)
     times.append(1e3 * (time.perf_counter() - t0) / calls)
-  return statistics.median(times), (_cpu_seconds() - c0) / (time.perf_counter() - w0)
+  return statistics.median(times), (process_cpu_seconds() - c0) / (time.perf_counter() - w0)
 
 
 def main(argv=None):

@@ -306,7 +306,7 @@ def cost_flops(compiled) -> float:
   return float((analysis or {}).get("flops", 0.0))
 
 
-def _process_cpu_seconds() -> float:
+def process_cpu_seconds() -> float:
   """User + system CPU time of this process: unlike wall time, barely changed by other jobs on the host."""
   ru = resource.getrusage(resource.RUSAGE_SELF)
   return ru.ru_utime + ru.ru_stime
@@ -433,9 +433,9 @@ class ConfigBench:
 
     _progress(f"{label}: compiled in {compile_s:.1f}s; timing {args.repeats} x {args.steps} update steps")
     jax.block_until_ready(run_steps())  # warm-up outside the CPU-time window
-    cpu0 = _process_cpu_seconds()
+    cpu0 = process_cpu_seconds()
     train_s = median_seconds(run_steps, args.repeats, warmup=0)
-    train_cpu_ms = 1000 * (_process_cpu_seconds() - cpu0) / (args.repeats * args.steps)
+    train_cpu_ms = 1000 * (process_cpu_seconds() - cpu0) / (args.repeats * args.steps)
     train_ips = batch * args.steps / train_s
     holder.clear()  # frees the trained state before the evaluation measurements
     del state
