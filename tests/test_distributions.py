@@ -195,6 +195,25 @@ def test_bernoulli_finite_for_huge_logits():
   np.testing.assert_allclose(np.asarray(g)[:, 0], [0.0, -1.0, 0.0, 1.0], atol=1e-6)
 
 
+
+@pytest.mark.parametrize("shape", [(6, 28, 28, 1), (3, 16, 16, 3)])
+def test_bernoulli_of_an_image_sums_its_pixels_in_float32_and_differentiates(shape):
+  # Image-sized events are summed as a product with a vector of ones (distributions.DOT_SUM_MIN_EVENT): the sum
+  # and its gradient must still be the float64 references, under jit, with a few extreme logits mixed in.
+  assert np.prod(shape[1:]) >= D.DOT_SUM_MIN_EVENT
+  rng = np.random.default_rng(4)
+  logits = rng.normal(scale=4.0, size=shape).astype(np.float32)
+  logits.reshape(-1)[::97] = 3e3
+  x = rng.integers(0, 2, size=shape).astype(np.float32)
+  f = jax.jit(lambda l: D.bernoulli_log_prob(x, l))
+  got, g = f(logits), jax.jit(jax.grad(lambda l: jnp.sum(f(l) * jnp.arange(1.0, shape[0] + 1.0))))(logits)
+  l64 = logits.astype(np.float64)
+  ref = (x * l64 - np.logaddexp(0.0, l64)).reshape(shape[0], -1).sum(axis=1)
+  np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-6)
+  ref_g = (x - scipy.special.expit(l64)) * np.arange(1.0, shape[0] + 1.0).reshape((-1,) + (1,) * (len(shape) - 1))
+  np.testing.assert_allclose(np.asarray(g), ref_g, rtol=1e-5, atol=1e-5)  # x - sigmoid(l) cancels in float32
+
+
 # ----------------------------------------------------------------------------- Gaussians
 
 
