@@ -195,7 +195,6 @@ def test_bernoulli_finite_for_huge_logits():
   np.testing.assert_allclose(np.asarray(g)[:, 0], [0.0, -1.0, 0.0, 1.0], atol=1e-6)
 
 
-
 @pytest.mark.parametrize("shape", [(6, 28, 28, 1), (3, 16, 16, 3)])
 def test_bernoulli_of_an_image_sums_its_pixels_in_float32_and_differentiates(shape):
   # Image-sized events are summed as a product with a vector of ones (distributions.DOT_SUM_MIN_EVENT): the sum
