@@ -16,7 +16,7 @@ DOT_SUM_MIN_EVENT = 256
 def _sum_event(x: jax.Array) -> jax.Array:
   """One sum per example over the event axes. An image's log-probabilities are summed as a product with a vector
   of ones: XLA:CPU's reduce over the minor axis of [1024, 784] (an importance-sampling pass) took 4-5 ms where
-  the product, the elementwise terms fused in, took 1.2-1.3 ms (docs/performance.md, sixteenth round). HIGHEST
+  the product, the elementwise terms fused in, took 1.1-1.3 ms (docs/performance.md, sixteenth round). HIGHEST
   precision so that a GPU does not round the terms to TF32."""
   x = x.reshape(x.shape[0], -1)
   if x.shape[1] < DOT_SUM_MIN_EVENT:
